@@ -1,0 +1,251 @@
+"""The engine: a Llama-family model with a paged KV cache, run one batched step at a time.
+
+Life cycle of a request inside one engine:
+1. `add_request` validates and returns a `Sequence` (WAITING); nothing is allocated yet.
+2. `reserve` takes KV blocks for it (all-or-nothing; `KVCacheExhausted` otherwise).
+3. Either `prefill` computes its prompt (optionally handing each layer's K/V to an export hook
+   while later layers still run) and samples the first token, or, on a token machine,
+   `import_kv_layer` writes K/V computed elsewhere and `finish_import` adds the first token.
+4. `decode` runs continuous-batch steps; requests join and leave between any two steps.
+5. A stop token, max_tokens or the context limit finishes it and frees its blocks; `abort` and
+   `free` free them at any other time. Every path ends with the blocks back in the pool.
+
+The caller (a machine scheduler, or `engine.llm.LLM`) decides which requests run in each step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_cache import KVCache, KVCacheExhausted
+from engine.memory import kv_cache_num_blocks
+from engine.model import AttentionMetadata, LlamaModel, PrefillSlice
+from engine.model_config import ModelConfig
+from engine.sampler import sample
+from engine.sequence import InvalidRequestError, SamplingParams, SeqStatus, Sequence
+from engine.tokenizer import Tokenizer
+from engine.weights import load_weights
+
+# Export hook: called after layer i of a prefill with one (sequence, K, V) per request, K and V
+# each [prompt_tokens_this_step, num_kv_heads, head_dim], contiguous, in the model dtype.
+KVExportHook = Callable[[int, list[tuple[Sequence, torch.Tensor, torch.Tensor]]], None]
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        mc = self.model_config
+        self.device, self.dtype = config.torch_device, config.torch_dtype
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.max_model_len = _max_model_len(mc, config.max_model_len)
+        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.model)
+        weights = load_weights(config.model, mc, self.dtype, self.device)
+        self.weight_bytes = weights.num_bytes
+        self.model = LlamaModel(mc, weights, self.max_model_len)
+        dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
+        bytes_per_block = mc.kv_bytes_per_token(dtype_bytes) * config.block_size
+        num_blocks = kv_cache_num_blocks(
+            budget_bytes=config.kv_cache_bytes, device=self.device,
+            fraction=config.kv_cache_memory_fraction, headroom_bytes=config.kv_cache_headroom_bytes,
+            bytes_per_block=bytes_per_block,
+            max_useful_blocks=config.max_num_seqs * -(-self.max_model_len // config.block_size))
+        self.kv = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads,
+                          mc.head_dim, self.dtype, self.device)
+        self.eos_token_ids = set(mc.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(config.seed)
+
+    # -- request life cycle ------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> Sequence:
+        params.validate()
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_model_len}"
+                " (prompt + at least one generated token)")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad} outside the vocabulary [0, {vocab})")
+        return Sequence(request_id, prompt_token_ids, params)
+
+    def max_tokens_total(self, seq: Sequence) -> int:
+        """Tokens this request can ever hold: prompt + max_tokens, capped by the context."""
+        return min(seq.prompt_len + seq.params.max_tokens, self.max_model_len)
+
+    def blocks_for(self, seq: Sequence, num_tokens: int | None = None) -> int:
+        """Blocks `reserve(seq, num_tokens)` would add."""
+        n = self.max_tokens_total(seq) if num_tokens is None else num_tokens
+        return self.kv.blocks_needed(seq.block_table, n)
+
+    def reserve(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Allocates blocks for num_tokens (default: prompt + max_tokens). All-or-nothing."""
+        self.kv.grow(seq.block_table, self.max_tokens_total(seq) if num_tokens is None
+                     else num_tokens)
+
+    def free(self, seq: Sequence) -> None:
+        """Returns the request's blocks to the pool. Idempotent."""
+        if seq.block_table:
+            self.kv.release(seq.block_table)
+
+    def abort(self, seq: Sequence) -> None:
+        if not seq.finished:
+            seq.status = SeqStatus.FINISHED_ABORTED
+        self.free(seq)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.kv.pool.num_free_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.num_blocks
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def prefill(self, seqs: list[Sequence], kv_export: KVExportHook | None = None) -> list[int]:
+        """Computes each request's uncomputed prompt tokens in one forward pass and samples its
+        first token. Blocks are grown as needed (all-or-nothing across the batch)."""
+        if not seqs:
+            return []
+        self._ensure_blocks(seqs, [s.prompt_len for s in seqs])
+        ids, positions, slots, slices, last = [], [], [], [], []
+        offset = 0
+        for s in seqs:
+            if s.status.finished:
+                raise InvalidRequestError(f"request {s.request_id} is already finished")
+            start, end = s.num_computed_tokens, s.prompt_len
+            if start >= end:
+                raise InvalidRequestError(f"request {s.request_id} has no prompt left to prefill")
+            ids += s.prompt_token_ids[start:end]
+            positions += range(start, end)
+            slots.append(self.kv.slots(s.block_table, start, end))
+            slices.append(PrefillSlice(offset, end - start, start,
+                                       self.kv.slots(s.block_table, 0, end) if start else None))
+            offset += end - start
+            last.append(offset - 1)
+        meta = AttentionMetadata(slot_mapping=torch.cat(slots).to(self.device), prefill=slices)
+        hook = None
+        if kv_export is not None:
+            def hook(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+                kv_export(layer, [(s, k[sl.query_start:sl.query_start + sl.query_len].contiguous(),
+                                   v[sl.query_start:sl.query_start + sl.query_len].contiguous())
+                                  for s, sl in zip(seqs, slices)])
+        hidden = self.model.forward(self._tensor(ids), self._tensor(positions), meta,
+                                    self.kv.tensor, hook)
+        for s in seqs:
+            s.num_computed_tokens = s.prompt_len
+            s.status = SeqStatus.RUNNING
+        return self._sample_and_update(seqs, hidden[last])
+
+    def decode(self, seqs: list[Sequence]) -> list[int]:
+        """One token for each running request."""
+        if not seqs:
+            return []
+        for s in seqs:
+            if s.status != SeqStatus.RUNNING or s.num_computed_tokens != s.num_tokens - 1:
+                raise InvalidRequestError(f"request {s.request_id} is not ready to decode ({s})")
+        self._ensure_blocks(seqs, [s.num_tokens for s in seqs])
+        bs = self.kv.block_size
+        ctx_lens = [s.num_tokens for s in seqs]
+        max_len = max(ctx_lens)
+        width = -(-max_len // bs)
+        tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width]))
+                               for s in seqs], dtype=torch.int64)  # [B, blocks]
+        pos = torch.arange(max_len)
+        gather = tables[:, pos // bs] * bs + pos % bs  # [B, L]
+        lens = torch.tensor(ctx_lens)
+        positions = lens - 1
+        slot_mapping = gather[torch.arange(len(seqs)), positions]
+        mask = None
+        if min(ctx_lens) != max_len:
+            mask = (pos[None, :] < lens[:, None])[:, None, None, :].to(self.device)
+        meta = AttentionMetadata(slot_mapping=slot_mapping.to(self.device),
+                                 decode_slots=gather.to(self.device), decode_mask=mask)
+        ids = self._tensor([s.last_token_id for s in seqs])
+        hidden = self.model.forward(ids, positions.to(self.device), meta, self.kv.tensor)
+        for s in seqs:
+            s.num_computed_tokens = s.num_tokens
+        return self._sample_and_update(seqs, hidden)
+
+    # -- KV import (token machine side) -----------------------------------------------------
+
+    def import_kv_layer(self, seq: Sequence, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes K and V of prompt positions [0, n) of one layer into seq's own blocks.
+
+        Layout (transport-neutral): k and v are each [n, num_kv_heads, head_dim] in the engine's
+        dtype, token order = prompt position order. Blocks must be reserved first.
+        """
+        mc = self.model_config
+        want = (seq.prompt_len, mc.num_kv_heads, mc.head_dim)
+        if not 0 <= layer < mc.num_layers:
+            raise InvalidRequestError(f"layer {layer} outside [0, {mc.num_layers})")
+        for name, t in (("K", k), ("V", v)):
+            if tuple(t.shape) != want:
+                raise InvalidRequestError(f"{name} shape {tuple(t.shape)}, expected {want}")
+            if t.dtype != self.dtype:
+                raise InvalidRequestError(f"{name} dtype {t.dtype}, expected {self.dtype}")
+        if self.kv.blocks_needed(seq.block_table, seq.prompt_len):
+            raise InvalidRequestError(f"request {seq.request_id} has no blocks reserved for import")
+        slots = self.kv.slots(seq.block_table, 0, seq.prompt_len).to(self.device)
+        layer_cache = self.kv.tensor[layer]
+        layer_cache[:, 0].index_copy_(0, slots, k.to(self.device))
+        layer_cache[:, 1].index_copy_(0, slots, v.to(self.device))
+
+    def finish_import(self, seq: Sequence, first_token_id: int) -> None:
+        """Marks the imported prompt computed and appends the token the prompt machine sampled."""
+        seq.num_computed_tokens = seq.prompt_len
+        seq.status = SeqStatus.RUNNING
+        self._append(seq, first_token_id)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+    def _ensure_blocks(self, seqs: list[Sequence], num_tokens: list[int]) -> None:
+        need = sum(self.kv.blocks_needed(s.block_table, n) for s, n in zip(seqs, num_tokens))
+        if need > self.kv.pool.num_free_blocks:
+            raise KVCacheExhausted(need, self.kv.pool.num_free_blocks, self.kv.num_blocks)
+        for s, n in zip(seqs, num_tokens):
+            self.kv.grow(s.block_table, n)
+
+    def _sample_and_update(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[int]:
+        logits = self.model.logits(hidden)
+        tokens = sample(logits, self.model.refine_greedy(hidden, logits), [s.params for s in seqs],
+                        [len(s.output_token_ids) for s in seqs], self.generator)
+        for s, t in zip(seqs, tokens):
+            self._append(s, t)
+        return tokens
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.output_token_ids.append(token)
+        p = seq.params
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            seq.status = SeqStatus.FINISHED_STOPPED
+        elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.status = SeqStatus.FINISHED_LENGTH
+        if seq.finished:
+            self.free(seq)
+
+
+def _max_model_len(mc: ModelConfig, configured: int | None) -> int:
+    limit = mc.max_position_embeddings
+    if mc.sliding_window:
+        # Sliding-window attention is not implemented: stay inside the window, where it is exact.
+        limit = min(limit, mc.sliding_window)
+    if configured is None:
+        return limit
+    if configured > limit:
+        raise ValueError(f"max_model_len {configured} exceeds the model's limit {limit}")
+    return configured
