@@ -58,10 +58,7 @@ class LlamaModel:
         residual = F.embedding(input_ids, w.embed)  # [T, H]
         for i, lw in enumerate(w.layers):
             x = F.rms_norm(residual, hidden_shape, lw.input_norm, eps)
-            if lw.qkv_bias is None:
-                qkv = x @ lw.qkv_t  # [T, q + 2kv]
-            else:
-                qkv = torch.addmm(lw.qkv_bias, x, lw.qkv_t)
+            qkv = lw.qkv(x)  # [T, q + 2kv]
             apply_rope_(qkv[:, : q_size + cfg.kv_size].view(n_tok, nh + nkv, d), cos, sin)
             kv = qkv[:, q_size:].view(n_tok, 2, nkv, d)
             layer_cache = kv_cache[i]  # [slots, 2, nkv, d]
@@ -73,16 +70,16 @@ class LlamaModel:
                 attn = _prefill_attention(q, kv, layer_cache, meta.prefill)
             else:
                 attn = _decode_attention(q, layer_cache, meta)
-            residual = torch.addmm(residual, attn, lw.o_t)
+            residual = residual + lw.o(attn)
             x = F.rms_norm(residual, hidden_shape, lw.post_norm, eps)
-            gate_up = x @ lw.gate_up_t  # [T, 2I]
+            gate_up = lw.gate_up(x)  # [T, 2I]
             act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [T, I]
-            residual = torch.addmm(residual, act, lw.down_t)
+            residual = residual + lw.down(act)
         return F.rms_norm(residual, hidden_shape, w.norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, V] float32 (computed in the model dtype)."""
-        return F.linear(hidden, self.w.lm_head).float()
+        return self.w.lm_head(hidden).float()
 
     def refine_greedy(self, hidden: torch.Tensor, logits: torch.Tensor,
                       num_candidates: int = 8) -> torch.Tensor:
@@ -95,7 +92,7 @@ class LlamaModel:
         if logits.dtype == hidden.dtype:
             return logits.argmax(dim=-1)
         cand = logits.topk(num_candidates, dim=-1).indices  # [N, k]
-        w = self.w.lm_head[cand].float()  # [N, k, H]
+        w = self.w.lm_head_weight[cand].float()  # [N, k, H]
         exact = torch.einsum("nh,nkh->nk", hidden.float(), w)
         return cand.gather(1, exact.argmax(dim=-1, keepdim=True)).squeeze(1)
 

@@ -1,10 +1,8 @@
 """Loads a Hugging Face Llama-family checkpoint into the engine's layout.
 
-The engine's layout is chosen for speed on CPU and GPU alike:
-- q, k and v projections are fused into one [hidden, q + 2 * kv] matrix, gate and up into one
-  [hidden, 2 * intermediate] matrix, so each layer runs four matmuls;
-- every layer projection is stored transposed and contiguous ([in, out]): `x @ W_t` reads the weight
-  row by row, which makes batch-1 decode (a matrix-vector product) markedly faster on CPU.
+The engine's layout: q, k and v projections are fused into one [q + 2 * kv, hidden] matrix, gate
+and up into one [2 * intermediate, hidden] matrix, so each layer runs four matmuls, each through
+`engine.linear.Linear` (pre-packed for oneDNN on CPU).
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from engine.linear import Linear
 from engine.model_config import ModelConfig
 
 
@@ -26,12 +25,11 @@ class CheckpointError(ValueError):
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [H]
-    qkv_t: torch.Tensor  # [H, q + 2kv]
-    qkv_bias: torch.Tensor | None  # [q + 2kv]
-    o_t: torch.Tensor  # [q, H]
+    qkv: Linear  # H -> q + 2kv
+    o: Linear  # q -> H
     post_norm: torch.Tensor  # [H]
-    gate_up_t: torch.Tensor  # [H, 2I]
-    down_t: torch.Tensor  # [I, H]
+    gate_up: Linear  # H -> 2I
+    down: Linear  # I -> H
 
 
 @dataclass
@@ -39,18 +37,18 @@ class ModelWeights:
     embed: torch.Tensor  # [V, H]
     layers: list[LayerWeights]
     norm: torch.Tensor  # [H]
-    lm_head: torch.Tensor  # [V, H]: F.linear's layout, the faster one for this wide matrix
+    lm_head_weight: torch.Tensor  # [V, H] (the embedding itself when tied)
+    lm_head: Linear  # H -> V
 
     @property
     def num_bytes(self) -> int:
-        tensors = [self.embed, self.norm, self.lm_head]
+        """Bytes of distinct weights (a tied LM head counts once): what one decode step reads."""
+        total = sum(t.numel() * t.element_size() for t in (self.embed, self.norm))
+        if self.lm_head_weight.data_ptr() != self.embed.data_ptr():
+            total += self.lm_head.num_bytes
         for lw in self.layers:
-            tensors += [t for t in vars(lw).values() if t is not None]
-        seen, total = set(), 0
-        for t in tensors:
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
+            total += sum(x.num_bytes if isinstance(x, Linear) else x.numel() * x.element_size()
+                         for x in vars(lw).values())
         return total
 
 
@@ -95,33 +93,26 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype,
                  device: torch.device) -> ModelWeights:
     src = _TensorSource(safetensors_files(Path(model_dir)), dtype, device)
 
-    def t(name: str) -> torch.Tensor:  # transposed, contiguous
-        return src.get(name).t().contiguous()
+    def cat(*names: str) -> torch.Tensor:
+        return torch.cat([src.get(n) for n in names])
 
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
-        qkv_t = torch.cat([t(a + "q_proj.weight"), t(a + "k_proj.weight"),
-                           t(a + "v_proj.weight")], dim=1)
-        bias = None
-        if cfg.qkv_bias:
-            bias = torch.cat([src.get(a + f"{n}_proj.bias") for n in "qkv"])
+        bias = cat(*(a + f"{n}_proj.bias" for n in "qkv")) if cfg.qkv_bias else None
         layers.append(LayerWeights(
             input_norm=src.get(p + "input_layernorm.weight"),
-            qkv_t=qkv_t,
-            qkv_bias=bias,
-            o_t=t(a + "o_proj.weight"),
+            qkv=Linear(cat(*(a + f"{n}_proj.weight" for n in "qkv")), bias),
+            o=Linear(src.get(a + "o_proj.weight")),
             post_norm=src.get(p + "post_attention_layernorm.weight"),
-            gate_up_t=torch.cat([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")], 1),
-            down_t=t(p + "mlp.down_proj.weight"),
+            gate_up=Linear(cat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")),
+            down=Linear(src.get(p + "mlp.down_proj.weight")),
         ))
     embed = src.get("model.embed_tokens.weight")
-    if cfg.tie_word_embeddings or not src.has("lm_head.weight"):
-        if not cfg.tie_word_embeddings:
-            raise CheckpointError("checkpoint lacks tensor 'lm_head.weight'")
+    if cfg.tie_word_embeddings:
         lm_head = embed
     else:
         lm_head = src.get("lm_head.weight")
     return ModelWeights(embed=embed, layers=layers, norm=src.get("model.norm.weight"),
-                        lm_head=lm_head)
+                        lm_head_weight=lm_head, lm_head=Linear(lm_head))
