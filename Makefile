@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch is pinned here (a CPU build this platform ships); pyproject keeps a loose floor.
 TORCH := torch==2.13.0
 
-.PHONY: run test install demo-model lint bench clean
+.PHONY: run test install demo-model lint bench clean proto
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ lint: install
 
 bench: install demo-model
 	$(BIN)/python benchmarks/engine_bench.py --model $(DEMO_MODEL)
+
+# Regenerate the gRPC modules from proto/*.proto (a test fails when they are stale).
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. proto/*.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info

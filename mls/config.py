@@ -1,0 +1,130 @@
+"""mlsd's configuration: one frozen dataclass tree, loaded from YAML.
+
+Unknown keys and values of the wrong type are errors that name the key (`engine.block_size`).
+Derived values are properties. Example: configs/local.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROLES = ("prompt", "token", "mixed")
+TRANSPORTS = ("tcp", "ucx", "local")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    model: str = "models/SmolLM2-135M-Instruct"
+    dtype: str = "auto"
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_bytes: int | None = None
+    kv_cache_memory_fraction: float = 0.5
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    num_threads: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SchedulerSection:
+    prompt_token_cap: int = 2048
+    max_queue_len: int = 1024
+
+
+@dataclass(frozen=True)
+class KVTransferSection:
+    transport: str = "tcp"
+    host: str = "127.0.0.1"
+    port: int = 0
+    layerwise_min_prompt_tokens: int = 256
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class MlsConfig:
+    machine_id: str
+    role: str
+    host: str = "127.0.0.1"
+    grpc_port: int = 0
+    metrics_port: int | None = 0
+    """0 picks a free port; null disables the metrics endpoint."""
+    drain_timeout_s: float = 30.0
+    watchdog_interval_s: float = 10.0
+    engine: EngineSection = field(default_factory=EngineSection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    kv_transfer: KVTransferSection = field(default_factory=KVTransferSection)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.kv_transfer.transport not in TRANSPORTS:
+            raise ConfigError(f"kv_transfer.transport must be one of {TRANSPORTS}, "
+                              f"got {self.kv_transfer.transport!r}")
+        for key, value in (("scheduler.prompt_token_cap", self.scheduler.prompt_token_cap),
+                           ("scheduler.max_queue_len", self.scheduler.max_queue_len),
+                           ("kv_transfer.timeout_s", self.kv_transfer.timeout_s),
+                           ("drain_timeout_s", self.drain_timeout_s)):
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: dict | None = None) -> MlsConfig:
+        import yaml
+
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        for key, value in (overrides or {}).items():  # dotted keys reach nested sections
+            *parents, leaf = key.split(".")
+            node = data
+            for part in parents:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"cannot override {key}: {part} is not a section")
+            node[leaf] = value
+        return from_dict(cls, data)
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Builds dataclass `cls` from a mapping, recursing into nested dataclasses."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}")
+    kwargs = {}
+    for name, value in data.items():
+        key, hint = prefix + name, hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, key + ".")
+        else:
+            kwargs[name] = _check(key, value, hint)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required key is missing
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def _check(key: str, value, hint):
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if t is not type(None) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
+            return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"{key} must be {names}, got {value!r}")

@@ -1,0 +1,13 @@
+"""Pure machine-level scheduling policies: no I/O, no clock of their own, no torch.
+
+The daemons (`mlsd`) and the cluster simulator drive the very same objects: state goes in,
+a plan dataclass comes out, results go back in.
+"""
+
+from mls.policy.common import Job, QueueFull, blocks_for_tokens
+from mls.policy.mixed import MixedPlan, MixedScheduler
+from mls.policy.prompt import PromptBatch, PromptScheduler
+from mls.policy.token import TokenPlan, TokenScheduler
+
+__all__ = ["Job", "QueueFull", "blocks_for_tokens", "PromptBatch", "PromptScheduler", "TokenPlan",
+           "TokenScheduler", "MixedPlan", "MixedScheduler"]

@@ -1,0 +1,88 @@
+"""Token machine policy: FCFS continuous batching sized by KV memory.
+
+Life cycle of a request here:
+1. `add`: queued, waiting for memory (bounded: `QueueFull` past the bound).
+2. `schedule` admits from the head, FCFS, while its blocks (prompt + max_tokens) are free: the
+   admitted request's memory is reserved before the first KV layer arrives, so decoding can never
+   run out of memory. When memory is short, requests wait; none is dropped.
+3. `kv_ready`: its KV has arrived; it joins the decode batch at the next step.
+4. `release`: finished, aborted or failed; its blocks return and the queue moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mls.policy.common import FifoQueue, Job, blocks_for_tokens
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    admitted: list[Job] = field(default_factory=list)
+    """Newly reserved: reserve their blocks and accept their KV now."""
+    decode: list[str] = field(default_factory=list)
+    """Request ids that decode one token in this step."""
+
+
+class TokenScheduler:
+    def __init__(self, num_blocks: int, block_size: int, max_batch_size: int = 256,
+                 max_queue_len: int = 4096):
+        self.num_blocks, self.block_size, self.max_batch_size = num_blocks, block_size, max_batch_size
+        self.queue = FifoQueue(max_queue_len, "token")
+        self.reserved: dict[str, int] = {}  # request id -> blocks, for admitted requests
+        self.ready: dict[str, Job] = {}  # admitted and KV arrived: the decode batch
+        self.receiving: dict[str, Job] = {}  # admitted, KV not yet complete
+        self.used_blocks = 0
+
+    @property
+    def free_blocks(self) -> int:
+        return self.num_blocks - self.used_blocks
+
+    @property
+    def pending_tokens(self) -> int:
+        """Decode work left (max output tokens not yet produced), running and queued: the JSQ
+        measure of a token machine."""
+        jobs = [*self.queue, *self.receiving.values(), *self.ready.values()]
+        return sum(j.max_tokens - j.num_generated for j in jobs)
+
+    def blocks_needed(self, job: Job) -> int:
+        return blocks_for_tokens(job.max_total_tokens, self.block_size)
+
+    def fits_ever(self, job: Job) -> bool:
+        return self.blocks_needed(job) <= self.num_blocks
+
+    def add(self, job: Job) -> None:
+        if not self.fits_ever(job):
+            raise ValueError(f"request {job.request_id!r} needs {self.blocks_needed(job)} KV blocks;"
+                             f" this machine has {self.num_blocks}")
+        if job.request_id in self.reserved:
+            raise ValueError(f"request {job.request_id!r} is already admitted")
+        self.queue.push(job)
+
+    def schedule(self) -> TokenPlan:
+        admitted = []
+        while (head := self.queue.peek()) is not None:
+            admitted_total = len(self.reserved)
+            need = self.blocks_needed(head)
+            if need > self.free_blocks or admitted_total >= self.max_batch_size:
+                break  # strict FCFS: the head waits for memory and so does everyone behind it
+            job = self.queue.pop()
+            self.reserved[job.request_id] = need
+            self.used_blocks += need
+            self.receiving[job.request_id] = job
+            admitted.append(job)
+        return TokenPlan(admitted=admitted, decode=list(self.ready))
+
+    def kv_ready(self, request_id: str) -> None:
+        job = self.receiving.pop(request_id)
+        self.ready[request_id] = job
+
+    def token_generated(self, request_id: str, count: int = 1) -> None:
+        self.ready[request_id].num_generated += count
+
+    def release(self, request_id: str) -> None:
+        """Finished, aborted or failed, in any state; unknown ids are ignored."""
+        self.queue.remove(request_id)
+        self.receiving.pop(request_id, None)
+        self.ready.pop(request_id, None)
+        self.used_blocks -= self.reserved.pop(request_id, 0)

@@ -1,0 +1,108 @@
+"""The pure machine-level policies: prompt batching, token batching by memory, mixed."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mls.policy import Job, MixedScheduler, PromptScheduler, QueueFull, TokenScheduler
+
+
+def job(i: int, prompt_len: int, max_tokens: int = 8) -> Job:
+    return Job(f"r{i}", prompt_len, max_tokens, arrival_s=float(i))
+
+
+def test_prompt_batches_are_fcfs_and_never_exceed_the_cap():
+    rng = random.Random(0)
+    sched = PromptScheduler(prompt_token_cap=2048)
+    lengths = [rng.choice([3, 50, 400, 900, 1500, 2047, 2048, 3000, 5000]) for _ in range(300)]
+    for i, n in enumerate(lengths):
+        sched.add(job(i, n))
+    assert sched.pending_tokens == sum(lengths)
+    order = []
+    while (batch := sched.schedule()) is not None:
+        ids = [j.request_id for j in batch.jobs]
+        order += ids
+        if len(ids) > 1:
+            assert batch.num_tokens <= 2048
+        else:  # a prompt longer than the cap runs alone, never with company
+            assert batch.num_tokens <= 2048 or len(batch.jobs) == 1
+        # greedy: the next prompt would not have fitted
+        if sched.queue.peek() is not None and batch.num_tokens <= 2048:
+            assert batch.num_tokens + sched.queue.peek().prompt_len > 2048
+    assert order == [f"r{i}" for i in range(300)]
+    assert sched.pending_tokens == 0
+
+
+def test_prompt_schedule_respects_free_memory_and_removal():
+    sched = PromptScheduler(prompt_token_cap=2048)
+    for i, n in enumerate([100, 100, 100]):
+        sched.add(job(i, n))
+    batch = sched.schedule(free_blocks=14, block_size=16)  # 7 blocks each: two fit
+    assert [j.request_id for j in batch.jobs] == ["r0", "r1"]
+    assert sched.remove("r2").prompt_len == 100 and sched.pending_tokens == 0
+    assert sched.schedule() is None
+
+
+def test_queues_are_bounded():
+    sched = PromptScheduler(max_queue_len=2)
+    sched.add(job(0, 5))
+    sched.add(job(1, 5))
+    with pytest.raises(QueueFull, match="prompt queue is full"):
+        sched.add(job(2, 5))
+    with pytest.raises(ValueError, match="already queued"):
+        sched.add(job(0, 5))
+
+
+def test_token_batch_grows_to_fill_memory_then_queues_and_drains():
+    sched = TokenScheduler(num_blocks=20, block_size=16, max_batch_size=64)
+    for i in range(10):
+        sched.add(job(i, prompt_len=40, max_tokens=24))  # 64 tokens = 4 blocks
+    plan = sched.schedule()
+    assert [j.request_id for j in plan.admitted] == ["r0", "r1", "r2", "r3", "r4"]
+    assert sched.free_blocks == 0 and len(sched.queue) == 5 and plan.decode == []
+    for j in plan.admitted:
+        sched.kv_ready(j.request_id)
+    assert sched.schedule().decode == ["r0", "r1", "r2", "r3", "r4"]
+    sched.release("r1")
+    plan = sched.schedule()
+    assert [j.request_id for j in plan.admitted] == ["r5"]  # FCFS: the head gets the memory
+    finished = 0
+    while sched.reserved:
+        for rid in list(sched.receiving):
+            sched.kv_ready(rid)
+        rid = next(iter(sched.ready))
+        sched.release(rid)
+        finished += 1
+        sched.schedule()
+        assert sched.used_blocks <= sched.num_blocks
+    assert finished == 9 and sched.used_blocks == 0 and len(sched.queue) == 0
+
+
+def test_token_scheduler_rejects_a_request_larger_than_memory():
+    sched = TokenScheduler(num_blocks=4, block_size=16)
+    with pytest.raises(ValueError, match="needs 5 KV blocks; this machine has 4"):
+        sched.add(job(0, prompt_len=70, max_tokens=10))
+
+
+def test_token_pending_tokens_counts_remaining_decode_work():
+    sched = TokenScheduler(num_blocks=100, block_size=16)
+    sched.add(job(0, 10, max_tokens=20))
+    sched.add(job(1, 10, max_tokens=5))
+    sched.schedule()
+    sched.kv_ready("r0")
+    sched.token_generated("r0", 3)
+    assert sched.pending_tokens == 17 + 5
+
+
+def test_mixed_runs_prompts_first_then_decodes_within_memory():
+    sched = MixedScheduler(num_blocks=8, block_size=16, prompt_token_cap=100)
+    for i in range(4):
+        sched.add(job(i, prompt_len=40, max_tokens=24))  # 4 blocks each
+    plan = sched.schedule()
+    assert [j.request_id for j in plan.prefill] == ["r0", "r1"]  # cap 100: two prompts of 40
+    plan = sched.schedule()
+    assert plan.prefill == [] and plan.decode == ["r0", "r1"]  # memory full: decode
+    sched.release("r0")
+    assert [j.request_id for j in sched.schedule().prefill] == ["r2"]
