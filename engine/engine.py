@@ -29,9 +29,11 @@ from engine.sequence import InvalidRequestError, SamplingParams, SeqStatus, Sequ
 from engine.tokenizer import Tokenizer
 from engine.weights import load_weights
 
-# Export hook: called after layer i of a prefill with one (sequence, K, V) per request, K and V
-# each [prompt_tokens_this_step, num_kv_heads, head_dim], contiguous, in the model dtype.
-KVExportHook = Callable[[int, list[tuple[Sequence, torch.Tensor, torch.Tensor]]], None]
+# Export hook: called after layer i of a prefill with one (sequence, kv) per request.
+# The transport-neutral layout of kv: [tokens, 2, num_kv_heads, head_dim], contiguous, in the
+# model dtype, tokens in prompt position order, index 0 of the second axis K and 1 V. It is the
+# cache's own per-token layout, so a receiver can write it into its blocks with plain copies.
+KVExportHook = Callable[[int, list[tuple[Sequence, torch.Tensor]]], None]
 
 
 class Engine:
@@ -118,15 +120,14 @@ class Engine:
         first token. Blocks are grown as needed (all-or-nothing across the batch)."""
         if not seqs:
             return []
+        for s in seqs:
+            if s.status.finished or s.num_computed_tokens >= s.prompt_len:
+                raise InvalidRequestError(f"request {s.request_id} has no prompt left to prefill")
         self._ensure_blocks(seqs, [s.prompt_len for s in seqs])
         ids, positions, slots, slices, last = [], [], [], [], []
         offset = 0
         for s in seqs:
-            if s.status.finished:
-                raise InvalidRequestError(f"request {s.request_id} is already finished")
             start, end = s.num_computed_tokens, s.prompt_len
-            if start >= end:
-                raise InvalidRequestError(f"request {s.request_id} has no prompt left to prefill")
             ids += s.prompt_token_ids[start:end]
             positions += range(start, end)
             slots.append(self.kv.slots(s.block_table, start, end))
@@ -137,9 +138,8 @@ class Engine:
         meta = AttentionMetadata(slot_mapping=torch.cat(slots).to(self.device), prefill=slices)
         hook = None
         if kv_export is not None:
-            def hook(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-                kv_export(layer, [(s, k[sl.query_start:sl.query_start + sl.query_len].contiguous(),
-                                   v[sl.query_start:sl.query_start + sl.query_len].contiguous())
+            def hook(layer: int, kv: torch.Tensor) -> None:
+                kv_export(layer, [(s, kv[sl.query_start:sl.query_start + sl.query_len].contiguous())
                                   for s, sl in zip(seqs, slices)])
         hidden = self.model.forward(self._tensor(ids), self._tensor(positions), meta,
                                     self.kv.tensor, hook)
@@ -180,27 +180,37 @@ class Engine:
 
     # -- KV import (token machine side) -----------------------------------------------------
 
-    def import_kv_layer(self, seq: Sequence, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Writes K and V of prompt positions [0, n) of one layer into seq's own blocks.
+    def import_kv_layer(self, seq: Sequence, layer: int, kv: torch.Tensor) -> None:
+        """Writes one layer's K/V of prompt positions [0, n) into seq's own blocks.
 
-        Layout (transport-neutral): k and v are each [n, num_kv_heads, head_dim] in the engine's
-        dtype, token order = prompt position order. Blocks must be reserved first.
+        kv: [n, 2, num_kv_heads, head_dim] in the engine's dtype (the export layout). Blocks must
+        be reserved first.
         """
+        self._check_import(seq, layer)
         mc = self.model_config
-        want = (seq.prompt_len, mc.num_kv_heads, mc.head_dim)
-        if not 0 <= layer < mc.num_layers:
-            raise InvalidRequestError(f"layer {layer} outside [0, {mc.num_layers})")
-        for name, t in (("K", k), ("V", v)):
-            if tuple(t.shape) != want:
-                raise InvalidRequestError(f"{name} shape {tuple(t.shape)}, expected {want}")
-            if t.dtype != self.dtype:
-                raise InvalidRequestError(f"{name} dtype {t.dtype}, expected {self.dtype}")
+        want = (seq.prompt_len, 2, mc.num_kv_heads, mc.head_dim)
+        if tuple(kv.shape) != want:
+            raise InvalidRequestError(f"KV shape {tuple(kv.shape)}, expected {want}")
+        if kv.dtype != self.dtype:
+            raise InvalidRequestError(f"KV dtype {kv.dtype}, expected {self.dtype}")
+        slots = self.kv.slots(seq.block_table, 0, seq.prompt_len).to(self.device)
+        self.kv.tensor[layer].index_copy_(0, slots, kv.to(self.device))
+
+    def import_views(self, seq: Sequence, layer: int) -> list[torch.Tensor]:
+        """Views of seq's cache memory for one layer, in prompt position order, each
+        [tokens_in_block, 2, num_kv_heads, head_dim] and contiguous: a receiver can write the
+        export layout straight into them (one view per block), with no staging copy."""
+        self._check_import(seq, layer)
+        bs, n = self.kv.block_size, seq.prompt_len
+        cache = self.kv.tensor[layer]
+        return [cache[b * bs: b * bs + min(bs, n - i * bs)]
+                for i, b in enumerate(seq.block_table[: -(-n // bs)])]
+
+    def _check_import(self, seq: Sequence, layer: int) -> None:
+        if not 0 <= layer < self.model_config.num_layers:
+            raise InvalidRequestError(f"layer {layer} outside [0, {self.model_config.num_layers})")
         if self.kv.blocks_needed(seq.block_table, seq.prompt_len):
             raise InvalidRequestError(f"request {seq.request_id} has no blocks reserved for import")
-        slots = self.kv.slots(seq.block_table, 0, seq.prompt_len).to(self.device)
-        layer_cache = self.kv.tensor[layer]
-        layer_cache[:, 0].index_copy_(0, slots, k.to(self.device))
-        layer_cache[:, 1].index_copy_(0, slots, v.to(self.device))
 
     def finish_import(self, seq: Sequence, first_token_id: int) -> None:
         """Marks the imported prompt computed and appends the token the prompt machine sampled."""

@@ -17,8 +17,8 @@ from engine.model_config import ModelConfig
 from engine.rope import apply_rope_, cos_sin_tables
 from engine.weights import ModelWeights
 
-# Called after layer i with that layer's K and V of the whole batch, each [T, kv_heads, head_dim].
-LayerKVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+# Called after layer i with that layer's new K/V of the whole batch: [T, 2, kv_heads, head_dim].
+LayerKVHook = Callable[[int, torch.Tensor], None]
 
 
 @dataclass
@@ -64,7 +64,7 @@ class LlamaModel:
             layer_cache = kv_cache[i]  # [slots, 2, nkv, d]
             layer_cache.index_copy_(0, meta.slot_mapping, kv)
             if kv_hook is not None:
-                kv_hook(i, kv[:, 0], kv[:, 1])
+                kv_hook(i, kv)
             q = qkv[:, :q_size].view(n_tok, nh, d)
             if meta.prefill is not None:
                 attn = _prefill_attention(q, kv, layer_cache, meta.prefill)

@@ -54,10 +54,18 @@ def test_layerwise_export_import_then_decode_matches_local_decode(ckpt):
 
     def export(layer, items):
         layers_seen.append(layer)
-        for seq, k, v in items:
-            assert k.is_contiguous() and v.is_contiguous()
-            assert k.shape == (seq.prompt_len, 2, 16) and k.dtype == torch.float32
-            b.import_kv_layer(by_id[seq.request_id], layer, k, v)
+        for i, (seq, kv) in enumerate(items):
+            assert kv.is_contiguous()
+            assert kv.shape == (seq.prompt_len, 2, 2, 16) and kv.dtype == torch.float32
+            dst_seq = by_id[seq.request_id]
+            if i % 2:  # staged import ...
+                b.import_kv_layer(dst_seq, layer, kv)
+            else:  # ... or straight into the receiver's block memory, as a socket would write
+                offset = 0
+                for view in b.import_views(dst_seq, layer):
+                    view.copy_(kv[offset:offset + view.shape[0]])
+                    offset += view.shape[0]
+                assert offset == seq.prompt_len
 
     a.prefill(src, kv_export=export)
     assert layers_seen == [0, 1, 2, 3]
@@ -90,15 +98,17 @@ def test_export_happens_before_later_layers_compute(ckpt):
 def test_import_rejects_wrong_shape_dtype_layer_and_unreserved(ckpt):
     eng = _engine(ckpt)
     seq = eng.add_request("x", [5, 6, 7], SamplingParams())
-    good = torch.zeros(3, 2, 16)
+    good = torch.zeros(3, 2, 2, 16)
     with pytest.raises(InvalidRequestError, match="no blocks reserved"):
-        eng.import_kv_layer(seq, 0, good, good)
+        eng.import_kv_layer(seq, 0, good)
+    with pytest.raises(InvalidRequestError, match="no blocks reserved"):
+        eng.import_views(seq, 0)
     eng.reserve(seq)
     with pytest.raises(InvalidRequestError, match="shape"):
-        eng.import_kv_layer(seq, 0, torch.zeros(4, 2, 16), good)
+        eng.import_kv_layer(seq, 0, torch.zeros(4, 2, 2, 16))
     with pytest.raises(InvalidRequestError, match="dtype"):
-        eng.import_kv_layer(seq, 0, good, good.to(torch.bfloat16))
+        eng.import_kv_layer(seq, 0, good.to(torch.bfloat16))
     with pytest.raises(InvalidRequestError, match="layer 9"):
-        eng.import_kv_layer(seq, 9, good, good)
+        eng.import_kv_layer(seq, 9, good)
     eng.abort(seq)
     assert eng.num_free_blocks == eng.num_blocks
