@@ -1,0 +1,1 @@
+"""KV transfer between machines: one interface, several transports (see base.py)."""

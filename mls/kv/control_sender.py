@@ -1,0 +1,254 @@
+"""The sending side of the KV control channel (life cycle and wire format: control.py, wire.py).
+
+One `ControlSendHandle` per transfer: `send_layer`/`finish` only append to a mailbox and return;
+the handle's thread connects, sends the header, waits for ACCEPT, then streams what was queued
+(`_send_layer` is the transport's part) and finally waits for the receiver's ACK. While idle it
+also watches the socket, so a receiver that cancels or fails is noticed at once, not at the
+deadline. Every wait is bounded by the transfer's deadline.
+"""
+
+from __future__ import annotations
+
+import collections
+import select
+import socket
+import threading
+import time
+
+import torch
+
+from mls.kv.base import KVSender, KVSpec, SendHandle, TransferState
+from mls.kv.control import DONE, FAILED, RECEIVING, WAITING
+from mls.kv.wire import (
+    FRAME,
+    FRAME_FINISH,
+    FRAME_LAYER,
+    TERMINAL,
+    Mailbox,
+    ProtocolError,
+    check_layer_tensor,
+    encode_preamble,
+    parse_host_port,
+    read_status,
+    remaining_s,
+    shutdown,
+    tune,
+)
+
+
+class ControlSendHandle(SendHandle):
+    """One transfer's sending side: a thread connects, sends the header, then streams what the
+    caller queues (send_layer/finish only append to a mailbox, never touch the network)."""
+    magic = b"NONE"
+
+    def __init__(self, sender: ControlSender, peer_address: bytes, spec: KVSpec, deadline_s: float):
+        self.spec = spec
+        self._sender = sender
+        self._deadline_s = deadline_s
+        self._budget_s = deadline_s - time.monotonic()
+        self._host, self._port = self._parse_address(peer_address)
+        self._lock = threading.Lock()
+        self._state = WAITING
+        self._error: str | None = None
+        self._done = threading.Event()
+        self._mailbox = Mailbox()
+        self._queued: set[int] = set()
+        self._finish_queued = False
+        self._sock: socket.socket | None = None
+        self._phase = f"connecting to {self._host}:{self._port}"
+
+    # -- SendHandle ----------------------------------------------------------------------------
+
+    def send_layer(self, layer: int, kv: torch.Tensor) -> None:
+        check_layer_tensor(self.spec, layer, kv)
+        with self._lock:
+            if layer in self._queued or self._finish_queued:
+                raise ValueError(f"layer {layer} queued twice or after finish()")
+            self._queued.add(layer)
+            if self._state in TERMINAL:
+                return  # the transfer is over: the layer is dropped
+        self._mailbox.put((FRAME_LAYER, layer, kv))
+
+    def finish(self, first_token_id: int) -> None:
+        if not 0 <= first_token_id < 2**32:
+            raise ValueError(f"first token id {first_token_id} outside [0, 2**32)")
+        with self._lock:
+            if self._finish_queued:
+                raise ValueError("finish() called twice")
+            self._finish_queued = True
+        self._mailbox.put((FRAME_FINISH, first_token_id))
+
+    def abort(self, reason: str) -> None:
+        self._end(FAILED, f"aborted by the sender: {reason}")
+
+    def wait(self, timeout_s: float | None = None) -> TransferState:
+        self._done.wait(timeout_s)
+        return self.state
+
+    @property
+    def state(self) -> TransferState:
+        return self._state
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    # -- for the transports ------------------------------------------------------------------
+
+    def _parse_address(self, peer_address: bytes) -> tuple[str, int]:
+        return parse_host_port(peer_address)
+
+    def _header(self) -> dict:
+        return self.spec.to_dict()
+
+    def _on_accepted(self) -> None: ...
+
+    def _send_layer(self, sock: socket.socket, layer: int, kv: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _can_send(self) -> bool:
+        return True
+
+    def _flushed(self) -> bool:
+        return True
+
+    def _on_item(self, item: tuple) -> None:
+        raise ProtocolError(f"unexpected mailbox item {item[0]!r}")
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, daemon=True, name="kv-send").start()
+
+    def _end(self, state: TransferState, error: str | None = None) -> bool:
+        with self._lock:
+            if self._state in TERMINAL:
+                return False
+            self._state, self._error, sock = state, error, self._sock
+        if state == FAILED and sock is not None:
+            shutdown(sock)  # unblocks the thread: a sendall or poll fails at once
+        self._done.set()
+        self._sender.forget(self)
+        return True
+
+    def _run(self) -> None:
+        sock = None
+        try:
+            sock = socket.create_connection((self._host, self._port), timeout=remaining_s(self._deadline_s))
+            with self._lock:
+                self._sock = sock
+                if self._state in TERMINAL:
+                    return
+            tune(sock)
+            self._phase = "waiting for the receiver to accept the header"
+            sock.settimeout(remaining_s(self._deadline_s))
+            sock.sendall(encode_preamble(self.magic, self._header()))
+            ok, message = read_status(sock, self._deadline_s)
+            if not ok:
+                self._end(FAILED, f"rejected by the receiver: {message}")
+                return
+            with self._lock:
+                if self._state == WAITING:
+                    self._state = RECEIVING
+            self._on_accepted()
+            self._stream(sock)
+        except TimeoutError:
+            self._end(FAILED, f"timed out after {self._budget_s:.2f} s {self._phase}")
+        except (OSError, ProtocolError) as e:
+            self._end(FAILED, f"{self._phase}: {self._peer_reason(sock) or e}")
+        except Exception as e:  # a bug must still end the transfer
+            self._end(FAILED, f"{self._phase}: unexpected {e!r}")
+        finally:
+            if sock is not None:
+                sock.close()
+            self._mailbox.close()
+
+    def _stream(self, sock: socket.socket) -> None:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        poller.register(self._mailbox.fd, select.POLLIN)
+        layers: collections.deque = collections.deque()
+        finish_token = None
+        while True:
+            while layers and self._can_send():
+                layer, kv = layers.popleft()
+                self._phase = f"sending layer {layer}"
+                self._send_layer(sock, layer, kv)
+            if finish_token is not None and not layers and self._flushed():
+                self._phase = "waiting for the receiver's acknowledgement"
+                sock.settimeout(remaining_s(self._deadline_s))
+                sock.sendall(FRAME.pack(FRAME_FINISH, finish_token))
+                ok, message = read_status(sock, self._deadline_s)
+                self._end(DONE if ok else FAILED, None if ok else f"receiver failed the transfer: {message}")
+                return
+            item = self._mailbox.get()
+            if item is None:
+                self._phase = self._waiting_phase(bool(layers) or finish_token is not None)
+                ready = poller.poll(remaining_s(self._deadline_s) * 1000)
+                if any(fd == sock.fileno() for fd, _ in ready):
+                    raise ProtocolError(self._peer_reason(sock) or "receiver closed the connection")
+                if self._state in TERMINAL:
+                    return
+            elif item[0] == FRAME_LAYER:
+                layers.append(item[1:])
+            elif item[0] == FRAME_FINISH:
+                finish_token = item[1]
+            else:
+                self._on_item(item)
+
+    def _waiting_phase(self, delivering: bool) -> str:
+        if delivering:  # layers (or finish) are queued here behind the transport's window
+            return "waiting for in-flight layers to be delivered"
+        with self._lock:
+            missing = next((i for i in range(self.spec.num_layers) if i not in self._queued), None)
+        return "waiting for finish()" if missing is None else f"waiting for layer {missing}"
+
+    def _peer_reason(self, sock: socket.socket | None) -> str | None:
+        """The receiver's ERROR status, if it sent one before closing (it says why)."""
+        if sock is None or self._state in TERMINAL:
+            return None
+        try:
+            ok, message = read_status(sock, time.monotonic() + 0.1)
+        except (OSError, ProtocolError):
+            return None
+        return None if ok else f"receiver ended the transfer: {message}"
+
+
+class ControlSender(KVSender):
+    """Opens handles of `handle_cls`; bounded, and `close()` aborts every transfer in flight."""
+    transport = "control"
+    handle_cls: type[ControlSendHandle] = ControlSendHandle
+
+    def __init__(self, max_transfers: int = 1024):
+        self._lock = threading.Lock()
+        self._active: set[ControlSendHandle] = set()
+        self._closed = False
+        self._max_transfers = max_transfers
+
+    def open(self, peer_address: bytes, spec: KVSpec, deadline_s: float) -> ControlSendHandle:
+        if self._closed:
+            raise RuntimeError("KV sender is closed")
+        handle = self.handle_cls(self, peer_address, spec, deadline_s)
+        with self._lock:
+            admitted = not self._closed and len(self._active) < self._max_transfers
+            if admitted:
+                self._active.add(handle)
+        if admitted:
+            handle.start()
+        else:
+            limit = self._max_transfers
+            handle._end(FAILED, "sender closed" if self._closed else
+                        f"too many KV transfers in flight (limit {limit})")
+            handle._mailbox.close()
+        return handle
+
+    def forget(self, handle: ControlSendHandle) -> None:
+        with self._lock:
+            self._active.discard(handle)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            handles = list(self._active)
+        for h in handles:
+            h.abort("sender closed")

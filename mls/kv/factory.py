@@ -1,0 +1,35 @@
+"""Builds a KV receiver or sender by transport name ("local", "tcp", "ucx").
+
+The ucx transport imports ucxx lazily, so the other two work on hosts without it.
+"""
+
+from __future__ import annotations
+
+from mls.kv.base import KVReceiver, KVSender
+
+TRANSPORTS = ("local", "tcp", "ucx")
+
+
+def make_receiver(transport: str, **opts) -> KVReceiver:
+    """opts go to the receiver's constructor (tcp/ucx: host, port, handshake_timeout_s, ...)."""
+    return _classes(transport)[0](**opts)
+
+
+def make_sender(transport: str, **opts) -> KVSender:
+    return _classes(transport)[1](**opts)
+
+
+def _classes(transport: str) -> tuple[type[KVReceiver], type[KVSender]]:
+    if transport == "local":
+        from mls.kv.local import LocalReceiver, LocalSender
+        return LocalReceiver, LocalSender
+    if transport == "tcp":
+        from mls.kv.tcp import TCPReceiver, TCPSender
+        return TCPReceiver, TCPSender
+    if transport == "ucx":
+        try:
+            from mls.kv.ucx import UCXReceiver, UCXSender
+        except ImportError as e:
+            raise ImportError(f"KV transport 'ucx' needs ucxx (pip install ucxx-cu12): {e}") from e
+        return UCXReceiver, UCXSender
+    raise ValueError(f"unknown KV transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")

@@ -1,0 +1,155 @@
+"""mlsd: the machine-level scheduler daemon.
+
+1. `main()` loads the YAML config, builds the engine (loads the model), the KV transport for the
+   role, the worker thread and the gRPC server (MachineService + health), starts the metrics
+   endpoint, prints one READY line (JSON with the bound ports) and tells systemd READY=1.
+2. While serving, a watchdog task sends WATCHDOG=1 as long as the worker thread is alive.
+3. SIGTERM/SIGINT only set an event. Drain: health NOT_SERVING, STOPPING=1, no new work,
+   in-flight requests finish (up to drain_timeout_s), then the server stops and the process
+   exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from mls import sdnotify
+from mls.config import ConfigError, MlsConfig
+from mls.kv.factory import make_receiver, make_sender
+from mls.metrics import MlsMetrics
+from mls.service import MachineService
+from mls.worker import EngineWorker
+from proto import mlsd_pb2_grpc
+
+log = logging.getLogger("mlsd")
+SERVICE_NAME = "splitserve.mls.v1.MachineService"
+
+
+def build_engine(cfg: MlsConfig) -> Engine:
+    e = cfg.engine
+    return Engine(EngineConfig(
+        model=e.model, dtype=e.dtype, device=e.device, block_size=e.block_size,
+        kv_cache_bytes=e.kv_cache_bytes, kv_cache_memory_fraction=e.kv_cache_memory_fraction,
+        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=cfg.scheduler.prompt_token_cap,
+        max_model_len=e.max_model_len, num_threads=e.num_threads, seed=e.seed))
+
+
+async def serve(cfg: MlsConfig) -> int:
+    t0 = time.monotonic()
+    engine = build_engine(cfg)
+    kt = cfg.kv_transfer
+    receiver = make_receiver(kt.transport, host=kt.host, port=kt.port) if cfg.role == "token" else None
+    sender = make_sender(kt.transport) if cfg.role == "prompt" else None
+    kv_address = receiver.address() if receiver else b""
+    metrics = MlsMetrics(cfg.machine_id, cfg.role)
+    metrics_port = None
+    if cfg.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=metrics.registry)
+        metrics_port = httpd.server_port
+
+    service_box: list[MachineService] = []
+    worker = EngineWorker(engine, cfg, lambda t, e: service_box[0].emit(t, e), metrics,
+                          receiver=receiver, sender=sender)
+    service = MachineService(cfg, engine, worker, kv_address)
+    service_box.append(service)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 2**20)])
+    mlsd_pb2_grpc.add_MachineServiceServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    await server.start()
+    worker.start()
+    for name in ("", SERVICE_NAME):
+        await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.SERVING)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(json.dumps({"event": "READY", "machine_id": cfg.machine_id, "role": cfg.role,
+                      "grpc_port": port, "metrics_port": metrics_port,
+                      "kv_address": kv_address.hex()}), flush=True)
+    log.info("%s (%s) serving on %s:%d after %.1f s; KV %d blocks of %d tokens", cfg.machine_id,
+             cfg.role, cfg.host, port, time.monotonic() - t0, engine.num_blocks, engine.kv.block_size)
+    sdnotify.notify("READY=1")
+    watchdog = asyncio.create_task(_watchdog(worker, cfg))
+
+    await stop.wait()
+    log.info("draining: finishing %d in-flight requests", len(worker.requests))
+    service.draining = True
+    for name in ("", SERVICE_NAME):
+        await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    sdnotify.notify("STOPPING=1")
+    deadline = time.monotonic() + cfg.drain_timeout_s
+    while not worker.idle and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if not worker.idle:
+        log.warning("drain timed out with %d requests in flight", len(worker.requests))
+    # One more worker turn: the events of the last finished requests reach the streams first.
+    await asyncio.wait_for(asyncio.wrap_future(worker.submit(lambda: None)), 5.0)
+    await asyncio.sleep(0)
+    watchdog.cancel()
+    service.close_streams()
+    await server.stop(grace=2.0)
+    worker.stop()
+    for t in (receiver, sender):
+        if t is not None:
+            t.close()
+    log.info("stopped")
+    return 0
+
+
+async def _set_health(servicer, name: str, status) -> None:
+    result = servicer.set(name, status)
+    if asyncio.iscoroutine(result):
+        await result
+
+
+async def _watchdog(worker: EngineWorker, cfg: MlsConfig) -> None:
+    interval = sdnotify.watchdog_interval_s() or cfg.watchdog_interval_s
+    while True:
+        await asyncio.sleep(interval)
+        if worker._thread.is_alive():
+            sdnotify.notify("WATCHDOG=1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlsd", description="Machine-level scheduler daemon.")
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
+                        help="override a key, e.g. --set grpc_port=50051 --set engine.dtype=float32")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        import yaml
+
+        overrides = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set needs KEY=VALUE, got {item!r}")
+            overrides[key] = yaml.safe_load(value)
+        cfg = MlsConfig.load(args.config, overrides)
+    except (ConfigError, OSError) as e:
+        print(f"mlsd: config error: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

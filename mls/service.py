@@ -1,0 +1,160 @@
+"""mlsd's gRPC service: validates, hands work to the engine worker, streams events out.
+
+1. A unary RPC (Prefill / AddDecode / Generate / Abort) is checked here (draining, ids, sampling
+   values) and submitted to the worker; the worker's typed error becomes a status code with a
+   message that names the problem. A client that goes away aborts its request.
+2. StreamEvents: every subscriber gets each worker turn's tokens and events as one message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+import grpc
+
+from engine.engine import Engine
+from engine.sequence import SamplingParams
+from mls.config import MlsConfig
+from mls.requests import Aborted, BadRequest, Draining, Failed, MlsError, Overloaded, WrongState
+from mls.worker import EngineWorker
+from proto import mlsd_pb2 as pb
+from proto import mlsd_pb2_grpc
+
+log = logging.getLogger("mlsd.service")
+
+STATUS = {BadRequest: grpc.StatusCode.INVALID_ARGUMENT, WrongState: grpc.StatusCode.FAILED_PRECONDITION,
+          Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED, Draining: grpc.StatusCode.UNAVAILABLE,
+          Aborted: grpc.StatusCode.CANCELLED, Failed: grpc.StatusCode.INTERNAL}
+ROLES = {"prompt": pb.PROMPT, "token": pb.TOKEN, "mixed": pb.MIXED}
+EVENT_KINDS = {"RESERVED": pb.RequestEvent.RESERVED, "FINISHED": pb.RequestEvent.FINISHED,
+               "FAILED": pb.RequestEvent.FAILED, "ABORTED": pb.RequestEvent.ABORTED}
+SUBSCRIBER_QUEUE_LEN = 4096
+
+
+def sampling_from_proto(sp: pb.SamplingParams) -> SamplingParams:
+    for name in ("temperature", "top_p"):
+        if not math.isfinite(getattr(sp, name)):
+            raise BadRequest(f"sampling.{name} must be finite")
+    return SamplingParams(max_tokens=sp.max_tokens, temperature=sp.temperature, top_k=sp.top_k,
+                          top_p=sp.top_p or 1.0, seed=sp.seed if sp.HasField("seed") else None,
+                          stop_token_ids=tuple(sp.stop_token_ids), ignore_eos=sp.ignore_eos)
+
+
+class _Subscriber:
+    def __init__(self):
+        self.queue: asyncio.Queue = asyncio.Queue(SUBSCRIBER_QUEUE_LEN)
+        self.overflowed = self.closed = False
+
+
+class MachineService(mlsd_pb2_grpc.MachineServiceServicer):
+    def __init__(self, cfg: MlsConfig, engine: Engine, worker: EngineWorker, kv_address: bytes):
+        self.cfg, self.engine, self.worker, self.kv_address = cfg, engine, worker, kv_address
+        self.draining = False
+        self._subscribers: set[_Subscriber] = set()
+        self._loop = asyncio.get_running_loop()
+
+    # -- work ---------------------------------------------------------------------------------
+
+    async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillReply:
+        async def run(rid, prompt, params):
+            if not request.kv_address:
+                raise BadRequest("kv_address is empty")
+            res = await asyncio.wrap_future(self.worker.add_prefill(
+                rid, prompt, params, request.kv_address, request.transfer_timeout_s))
+            return pb.PrefillReply(request_id=rid, first_token_id=res.first_token_id,
+                                   kv_mode=res.kv_mode, queue_s=res.queue_s, prefill_s=res.prefill_s)
+        return await self._work(request.request, context, run)
+
+    async def AddDecode(self, request: pb.AddDecodeRequest, context) -> pb.AddDecodeReply:
+        async def run(rid, prompt, params):
+            reserved = await asyncio.wrap_future(self.worker.add_decode(
+                rid, prompt, params, request.transfer_timeout_s))
+            return pb.AddDecodeReply(reserved=reserved)
+        return await self._work(request.request, context, run)
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateReply:
+        async def run(rid, prompt, params):
+            await asyncio.wrap_future(self.worker.add_generate(rid, prompt, params))
+            return pb.GenerateReply()
+        return await self._work(request.request, context, run)
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortReply:
+        try:
+            found = await asyncio.wrap_future(self.worker.abort(request.request_id))
+        except MlsError as e:
+            await context.abort(STATUS[type(e)], str(e))
+        return pb.AbortReply(found=found)
+
+    async def _work(self, spec: pb.RequestSpec, context, run):
+        try:
+            if self.draining:
+                raise Draining("machine is draining")
+            if not spec.request_id:
+                raise BadRequest("request.request_id is empty")
+            if not spec.HasField("sampling"):
+                raise BadRequest("request.sampling is missing")
+            params = sampling_from_proto(spec.sampling)
+            return await run(spec.request_id, list(spec.prompt_token_ids), params)
+        except MlsError as e:
+            await context.abort(STATUS[type(e)], str(e))
+        except asyncio.CancelledError:  # the caller went away: free what it held
+            self.worker.abort(spec.request_id)
+            raise
+
+    # -- events -------------------------------------------------------------------------------
+
+    def emit(self, tokens: list[tuple], events: list[tuple]) -> None:
+        """Called on the worker thread once per turn."""
+        self._loop.call_soon_threadsafe(self._broadcast, tokens, events)
+
+    def _broadcast(self, tokens: list[tuple], events: list[tuple]) -> None:
+        msg = pb.MachineEvents(
+            tokens=[pb.TokenDelta(request_id=r, index=i, token_id=t) for r, i, t in tokens],
+            events=[pb.RequestEvent(request_id=r, kind=EVENT_KINDS[k], finish_reason=fr, message=m,
+                                    num_output_tokens=n) for r, k, fr, m, n in events])
+        for sub in list(self._subscribers):
+            try:
+                sub.queue.put_nowait(msg)
+            except asyncio.QueueFull:  # a subscriber that stopped reading is cut off, not buffered
+                log.warning("event subscriber fell %d messages behind; closing it", SUBSCRIBER_QUEUE_LEN)
+                sub.overflowed = True
+                self._subscribers.discard(sub)
+
+    def close_streams(self) -> None:
+        for sub in list(self._subscribers):
+            sub.closed = True
+            if not sub.queue.full():
+                sub.queue.put_nowait(None)
+        self._subscribers.clear()
+
+    async def StreamEvents(self, request, context):
+        sub = _Subscriber()
+        self._subscribers.add(sub)
+        try:
+            while not sub.closed:
+                if sub.overflowed and sub.queue.empty():
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        "event stream consumer too slow; resubscribe")
+                msg = await sub.queue.get()
+                if msg is None:
+                    return
+                yield msg
+        finally:
+            self._subscribers.discard(sub)
+
+    # -- state --------------------------------------------------------------------------------
+
+    async def GetLoad(self, request, context) -> pb.LoadReport:
+        return pb.LoadReport(machine_id=self.cfg.machine_id, role=ROLES[self.cfg.role],
+                             draining=self.draining, **self.worker.load())
+
+    async def GetInfo(self, request, context) -> pb.MachineInfo:
+        e, mc = self.engine, self.engine.model_config
+        return pb.MachineInfo(
+            machine_id=self.cfg.machine_id, role=ROLES[self.cfg.role], model=self.cfg.engine.model,
+            dtype=str(e.dtype).removeprefix("torch."), max_model_len=e.max_model_len,
+            vocab_size=mc.vocab_size, kv_block_size=e.kv.block_size, kv_num_blocks=e.num_blocks,
+            kv_transport=self.cfg.kv_transfer.transport, kv_address=self.kv_address,
+            num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim)

@@ -1,0 +1,378 @@
+"""The engine worker: one thread owns the engine and loops schedule -> engine step -> update.
+
+Life cycle of a request through the worker:
+1. The gRPC service submits a command (`add_prefill`, `add_decode`, `add_generate`, `abort`);
+   it runs on the worker thread at the top of the next loop turn and resolves a
+   concurrent.futures.Future the service awaits. The engine is only ever touched here.
+2. Prompt role: the PromptScheduler forms FCFS batches under the token cap; the prefill exports
+   each layer to the KV sender while later layers compute (layerwise) or after it (serialized);
+   the first token resolves the Prefill future, and the machine's blocks are freed at once.
+3. Token role: the TokenScheduler reserves blocks FCFS (RESERVED event), the KV receiver fills
+   them, and a request whose transfer is DONE joins the decode batch; a FAILED transfer (peer
+   dead or hung past the deadline) frees the blocks and ends the request with FAILED.
+4. Mixed role: the MixedScheduler runs prompts first, then decodes, all locally.
+5. Each turn ends by publishing the turn's tokens and events as one message (`emit`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from engine.engine import Engine
+from engine.kv_cache import KVCacheExhausted
+from engine.sequence import InvalidRequestError, SamplingParams, SeqStatus
+from mls.config import MlsConfig
+from mls.kv.base import KVReceiver, KVSender, KVSpec, TransferState
+from mls.kv.sink import EngineSink
+from mls.metrics import MlsMetrics
+from mls.policy import Job, MixedScheduler, PromptScheduler, QueueFull, TokenScheduler
+from mls.requests import Aborted, BadRequest, Failed, MlsRequest, Overloaded, PrefillResult, WrongState
+
+log = logging.getLogger("mlsd.worker")
+
+FINISH_REASONS = {SeqStatus.FINISHED_STOPPED: "stop", SeqStatus.FINISHED_LENGTH: "length"}
+# Events published per turn: (tokens [(request_id, index, token_id)], events [(request_id, kind,
+# finish_reason, message, num_output_tokens)]).
+EmitFn = Callable[[list[tuple], list[tuple]], None]
+
+
+class EngineWorker:
+    def __init__(self, engine: Engine, cfg: MlsConfig, emit: EmitFn, metrics: MlsMetrics,
+                 receiver: KVReceiver | None = None, sender: KVSender | None = None):
+        self.engine, self.cfg, self.role = engine, cfg, cfg.role
+        self._emit, self.metrics = emit, metrics
+        self.receiver, self.sender = receiver, sender
+        bs, n = engine.kv.block_size, engine.num_blocks
+        sc = cfg.scheduler
+        self.prompt_policy = PromptScheduler(sc.prompt_token_cap, sc.max_queue_len)
+        self.token_policy = TokenScheduler(n, bs, engine.config.max_num_seqs, sc.max_queue_len)
+        self.mixed_policy = MixedScheduler(n, bs, sc.prompt_token_cap, engine.config.max_num_seqs,
+                                           sc.max_queue_len)
+        self.requests: dict[str, MlsRequest] = {}
+        self._receiving: dict[str, MlsRequest] = {}
+        self._sending: dict[str, MlsRequest] = {}
+        self._cmds: list[Callable[[], None]] = []
+        self._cv = threading.Condition()
+        self._stop = False
+        self._tokens: list[tuple] = []
+        self._events: list[tuple] = []
+        self.last_turn_s = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
+
+    # -- commands (any thread) ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout_s)
+
+    @property
+    def idle(self) -> bool:
+        return not self.requests and not self._sending
+
+    def submit(self, fn: Callable[..., object], *args) -> Future:
+        fut: Future = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn(*args))
+            except Exception as e:  # noqa: BLE001 - every error goes back to the caller
+                fut.set_exception(e)
+
+        with self._cv:
+            self._cmds.append(run)
+            self._cv.notify()
+        return fut
+
+    def add_prefill(self, request_id, prompt, params, kv_address: bytes, timeout_s: float) -> Future:
+        result: Future = Future()
+        accepted = self.submit(self._add, "prefill", request_id, prompt, params, result,
+                               kv_address, timeout_s)
+        return _chain(accepted, result)
+
+    def add_decode(self, request_id, prompt, params, timeout_s: float) -> Future:
+        result: Future = Future()
+        accepted = self.submit(self._add, "decode", request_id, prompt, params, result, b"",
+                               timeout_s)
+        return _chain(accepted, result)
+
+    def add_generate(self, request_id, prompt, params) -> Future:
+        return self.submit(self._add, "generate", request_id, prompt, params, None, b"", 0.0)
+
+    def abort(self, request_id: str) -> Future:
+        return self.submit(self._abort, request_id)
+
+    # -- the loop (worker thread) -------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._cmds or self._stop or self._runnable()):
+                    # Transfers in flight are polled; otherwise sleep until a command arrives.
+                    busy = self._receiving or self._sending
+                    self._cv.wait(0.002 if busy else 1.0)
+                    if busy:
+                        break
+                    self.last_turn_s = time.monotonic()
+                cmds, self._cmds = self._cmds, []
+                stop = self._stop
+            if stop:
+                return
+            for cmd in cmds:
+                cmd()
+            try:
+                self._poll_transfers()
+                self._step()
+            except Exception:  # a bug must not kill the machine silently
+                log.exception("engine step failed; failing the requests of this step")
+                self._fail_all_running("internal error in the engine step")
+            self._publish()
+            self.last_turn_s = time.monotonic()
+
+    def _runnable(self) -> bool:
+        if self.role == "prompt":
+            return len(self.prompt_policy.queue) > 0
+        if self.role == "token":  # queued requests are admitted in the turn that frees memory
+            return bool(self.token_policy.ready)
+        return bool(self.mixed_policy.running) or len(self.mixed_policy.queue) > 0
+
+    def _step(self) -> None:
+        if self.role == "prompt":
+            self._prompt_step()
+        elif self.role == "token":
+            self._admit_decodes()
+            self._decode_step([self.requests[i] for i in self.token_policy.ready])
+        else:
+            plan = self.mixed_policy.schedule()
+            if plan.prefill:
+                reqs = [self.requests[j.request_id] for j in plan.prefill]
+                for r in reqs:
+                    self.engine.reserve(r.seq)
+                self._run_prefill(reqs, hook=None)
+                self._after_tokens(reqs, [0] * len(reqs))
+            else:
+                self._decode_step([self.requests[i] for i in plan.decode])
+
+    # -- adding and aborting ------------------------------------------------------------------
+
+    def _add(self, kind, request_id, prompt, params: SamplingParams, result, kv_address,
+             timeout_s) -> None:
+        if kind == "prefill" and self.role != "prompt" or kind == "decode" and self.role != "token" \
+                or kind == "generate" and self.role != "mixed":
+            raise WrongState(f"a {self.role} machine does not take {kind} work")
+        if request_id in self.requests or request_id in self._sending:
+            raise BadRequest(f"duplicate request id {request_id!r}")
+        try:
+            seq = self.engine.add_request(request_id, prompt, params)
+        except InvalidRequestError as e:
+            raise BadRequest(str(e)) from None
+        job = Job(request_id, seq.prompt_len, self.engine.max_tokens_total(seq) - seq.prompt_len,
+                  time.monotonic())
+        policy = {"prefill": self.prompt_policy, "decode": self.token_policy,
+                  "generate": self.mixed_policy}[kind]
+        if kind == "prefill" and -(-seq.prompt_len // self.engine.kv.block_size) > self.engine.num_blocks:
+            raise Overloaded(f"prompt of {seq.prompt_len} tokens exceeds this machine's KV memory")
+        try:
+            policy.add(job)
+        except QueueFull as e:
+            raise Overloaded(str(e)) from None
+        except ValueError as e:  # larger than the machine's whole KV memory
+            raise Overloaded(str(e)) from None
+        req = MlsRequest(seq, job, kind, future=result, kv_address=kv_address,
+                         timeout_s=timeout_s or self.cfg.kv_transfer.timeout_s)
+        self.requests[request_id] = req
+        self.metrics.requests.labels(kind).inc()
+        if kind == "decode":
+            self._admit_decodes()
+            if request_id not in self._receiving and result is not None and not result.done():
+                result.set_result(False)  # queued for memory; RESERVED follows on the stream
+
+    def _abort(self, request_id: str) -> bool:
+        req = self.requests.pop(request_id, None) or self._sending.pop(request_id, None)
+        if req is None:
+            raise BadRequest(f"unknown request id {request_id!r}")
+        if req.handle is not None:
+            req.handle.abort("aborted by the cluster scheduler")
+        self._drop(req)
+        if req.future is not None and not req.future.done():
+            req.future.set_exception(Aborted(f"request {request_id!r} aborted"))
+        self._events.append((request_id, "ABORTED", "", "", len(req.seq.output_token_ids)))
+        return True
+
+    def _drop(self, req: MlsRequest) -> None:
+        """Frees everything a request holds here: queue slot, reservation, transfer, blocks."""
+        rid = req.request_id
+        for policy in (self.prompt_policy, self.token_policy, self.mixed_policy):
+            if hasattr(policy, "release"):
+                policy.release(rid)
+            else:
+                policy.remove(rid)
+        if self._receiving.pop(rid, None) is not None and self.receiver is not None:
+            self.receiver.cancel(rid)
+        self.engine.abort(req.seq)
+
+    # -- prompt role --------------------------------------------------------------------------
+
+    def _prompt_step(self) -> None:
+        batch = self.prompt_policy.schedule(self.engine.num_free_blocks, self.engine.kv.block_size)
+        if batch is None:
+            return
+        reqs = [self.requests.pop(j.request_id) for j in batch.jobs]
+        mc = self.engine.model_config
+        dtype = str(self.engine.dtype).removeprefix("torch.")
+        for r in reqs:
+            spec = KVSpec(r.request_id, mc.num_layers, r.seq.prompt_len, mc.num_kv_heads,
+                          mc.head_dim, dtype)
+            r.handle = self.sender.open(r.kv_address, spec, time.monotonic() + r.timeout_s)
+            r.layerwise = r.seq.prompt_len >= self.cfg.kv_transfer.layerwise_min_prompt_tokens
+            self._sending[r.request_id] = r
+        by_id = {r.request_id: r for r in reqs}
+
+        def export(layer: int, items) -> None:
+            for seq, kv in items:
+                r = by_id[seq.request_id]
+                if r.layerwise:
+                    r.handle.send_layer(layer, kv)
+                else:
+                    r.buffered.append((layer, kv))
+
+        tokens = self._run_prefill(reqs, hook=export)
+        for r, tok in zip(reqs, tokens):
+            for layer, kv in r.buffered:
+                r.handle.send_layer(layer, kv)
+            r.buffered.clear()
+            r.handle.finish(tok)
+            self.engine.free(r.seq)  # the KV now lives in the sender's queue and on the wire
+            now = time.monotonic()
+            r.future.set_result(PrefillResult(tok, "layerwise" if r.layerwise else "serialized",
+                                              queue_s=r.prefill_start_s - r.arrival_s,
+                                              prefill_s=now - r.prefill_start_s))
+
+    def _run_prefill(self, reqs: list[MlsRequest], hook) -> list[int]:
+        start = time.monotonic()
+        for r in reqs:
+            r.prefill_start_s = start
+        tokens = self.engine.prefill([r.seq for r in reqs], kv_export=hook)
+        self.metrics.prefill_step.observe(time.monotonic() - start)
+        self.metrics.batch_tokens.labels("prefill").observe(sum(r.seq.prompt_len for r in reqs))
+        return tokens
+
+    # -- token role ---------------------------------------------------------------------------
+
+    def _admit_decodes(self) -> None:
+        plan = self.token_policy.schedule()
+        mc = self.engine.model_config
+        dtype = str(self.engine.dtype).removeprefix("torch.")
+        for job in plan.admitted:
+            r = self.requests[job.request_id]
+            try:
+                self.engine.reserve(r.seq)
+            except KVCacheExhausted as e:  # the policy mirrors the pool: this is a bug
+                self._fail(r, f"KV reservation failed: {e}")
+                continue
+            spec = KVSpec(r.request_id, mc.num_layers, r.seq.prompt_len, mc.num_kv_heads,
+                          mc.head_dim, dtype)
+            self.receiver.expect(spec, EngineSink(self.engine, r.seq),
+                                 time.monotonic() + r.timeout_s)
+            self._receiving[r.request_id] = r
+            r.transfer_start_s = time.monotonic()
+            self._events.append((r.request_id, "RESERVED", "", "", 0))
+            if r.future is not None and not r.future.done():
+                r.future.set_result(True)
+
+    def _poll_transfers(self) -> None:
+        for rid, r in list(self._receiving.items()):
+            st = self.receiver.poll(rid)
+            if st.state == TransferState.DONE:
+                del self._receiving[rid]
+                self.receiver.cancel(rid)  # forget the finished transfer (no-op on its bytes)
+                self.metrics.transfer_s.observe(time.monotonic() - r.transfer_start_s)
+                self.metrics.kv_bytes.inc(r.seq.prompt_len * self.engine.model_config.kv_bytes_per_token(
+                    self.engine.kv.tensor.element_size()))
+                self.engine.finish_import(r.seq, st.first_token_id)
+                self.token_policy.kv_ready(rid)
+                self._after_tokens([r], [], publish=False)
+            elif st.state == TransferState.FAILED:
+                self.metrics.failed_transfers.inc()
+                self._fail(r, f"KV transfer failed: {st.error}")
+        for rid, r in list(self._sending.items()):  # prompt side: forget finished sends
+            state = r.handle.wait(0)
+            if state in (TransferState.DONE, TransferState.FAILED):
+                del self._sending[rid]
+                if state == TransferState.FAILED:
+                    self.metrics.failed_transfers.inc()
+                    log.warning("KV send of %s failed: %s", rid, r.handle.error)
+
+    def _decode_step(self, reqs: list[MlsRequest]) -> None:
+        if not reqs:
+            return
+        start = time.monotonic()
+        self.engine.decode([r.seq for r in reqs])
+        self.metrics.decode_step.observe(time.monotonic() - start)
+        self.metrics.batch_tokens.labels("decode").observe(len(reqs))
+        self._after_tokens(reqs, [len(r.seq.output_token_ids) - 1 for r in reqs])
+
+    def _after_tokens(self, reqs: list[MlsRequest], indices: list[int], publish: bool = True) -> None:
+        """Publishes each request's newest token (at `indices`) and retires finished ones."""
+        policy = self.token_policy if self.role == "token" else self.mixed_policy
+        for i, r in enumerate(reqs):
+            if publish:
+                self._tokens.append((r.request_id, indices[i], r.seq.output_token_ids[indices[i]]))
+            policy.token_generated(r.request_id)
+            if r.seq.finished:
+                policy.release(r.request_id)
+                del self.requests[r.request_id]
+                self._events.append((r.request_id, "FINISHED", FINISH_REASONS[r.seq.status], "",
+                                     len(r.seq.output_token_ids)))
+
+    # -- failures and publishing --------------------------------------------------------------
+
+    def _fail(self, req: MlsRequest, message: str) -> None:
+        self.requests.pop(req.request_id, None)
+        self._drop(req)
+        req.seq.status, req.seq.error = SeqStatus.FINISHED_ERROR, message
+        if req.future is not None and not req.future.done():
+            req.future.set_exception(Failed(message))
+        self._events.append((req.request_id, "FAILED", "", message, len(req.seq.output_token_ids)))
+        log.warning("request %s failed: %s", req.request_id, message)
+
+    def _fail_all_running(self, message: str) -> None:
+        for r in list(self.requests.values()):
+            if r.seq.status == SeqStatus.RUNNING or r.kind == "prefill":
+                self._fail(r, message)
+
+    def _publish(self) -> None:
+        if self._tokens or self._events:
+            tokens, events, self._tokens, self._events = self._tokens, self._events, [], []
+            self._emit(tokens, events)
+        self.metrics.observe_load(self.load())
+
+    def load(self) -> dict:
+        """A snapshot for the load report (read from any thread: plain ints, possibly a turn old)."""
+        tp, mp = self.token_policy, self.mixed_policy
+        return dict(
+            prompt_queue_len=len(self.prompt_policy.queue) + len(mp.queue),
+            pending_prompt_tokens=self.prompt_policy.pending_tokens + mp.pending_prompt_tokens,
+            decode_queue_len=len(tp.queue),
+            num_running=len(tp.ready) + len(tp.receiving) + len(mp.running),
+            pending_decode_tokens=tp.pending_tokens + mp.pending_decode_tokens,
+            kv_blocks_used=self.engine.num_blocks - self.engine.num_free_blocks,
+            kv_blocks_free=self.engine.num_free_blocks,
+        )
+
+
+def _chain(accepted: Future, result: Future) -> Future:
+    """A future that fails if the command failed, else follows `result`."""
+    def on_accepted(f: Future) -> None:
+        if f.exception() is not None and not result.done():
+            result.set_exception(f.exception())
+    accepted.add_done_callback(on_accepted)
+    return result

@@ -1,0 +1,372 @@
+"""KV transports (local, tcp, ucx) behind one interface: bytes, concurrency, order, rejections,
+deadlines, cancel/abort, a killed sender process, and a real two-process round trip."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mls.kv.base import KVSpec, TransferState
+from mls.kv.factory import make_receiver, make_sender
+
+DONE, FAILED, RECEIVING = TransferState.DONE, TransferState.FAILED, TransferState.RECEIVING
+ROOT = Path(__file__).resolve().parents[1]
+HAS_UCXX = importlib.util.find_spec("ucxx") is not None
+NEEDS_UCXX = pytest.mark.skipif(not HAS_UCXX, reason="ucxx is not installed (pip install ucxx-cu12)")
+TRANSPORTS = ["local", "tcp", pytest.param("ucx", marks=NEEDS_UCXX)]
+NETWORK = ["tcp", pytest.param("ucx", marks=NEEDS_UCXX)]
+
+
+def make_spec(request_id: str = "r1", num_tokens: int = 257, dtype: str = "bfloat16",
+              num_layers: int = 30) -> KVSpec:
+    return KVSpec(request_id, num_layers, num_tokens, 3, 64, dtype)
+
+
+def layer_data(spec: KVSpec, layer: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1000 + layer)
+    return torch.randn(spec.layer_shape, generator=g).to(getattr(torch, spec.dtype))
+
+
+class BlockSink:
+    """Like the engine's import views: a layer lands in chunks of a bigger cache tensor, in
+    shuffled order and of non-uniform sizes (16-token blocks, some partly used)."""
+
+    def __init__(self, spec: KVSpec, seed: int = 0):
+        rng = random.Random(seed)
+        sizes, left = [], spec.num_tokens
+        while left:
+            sizes.append(min(left, rng.choice([16, 16, 16, 5, 11])))
+            left -= sizes[-1]
+        blocks = rng.sample(range(len(sizes) + 4), len(sizes))
+        self.cache = torch.zeros(spec.num_layers, (len(sizes) + 4) * 16, 2, spec.num_kv_heads,
+                                 spec.head_dim, dtype=getattr(torch, spec.dtype))
+        self.chunks = list(zip(blocks, sizes))
+        self.received: list[int] = []
+
+    def layer_buffers(self, layer: int) -> list[torch.Tensor]:
+        cache = self.cache[layer]
+        return [cache[b * 16: b * 16 + n] for b, n in self.chunks]
+
+    def layer_received(self, layer: int) -> None:
+        self.received.append(layer)
+
+    def layer(self, layer: int) -> torch.Tensor:
+        return torch.cat(self.layer_buffers(layer))
+
+
+def wait_for(predicate, timeout_s: float = 5.0):
+    """Polls until predicate() is truthy or the timeout passes; returns its last value."""
+    end = time.monotonic() + timeout_s
+    while not (value := predicate()) and time.monotonic() < end:
+        time.sleep(0.005)
+    return value
+
+
+def send_all(handle, spec: KVSpec, order=None, seed: int = 0, first_token: int = 7) -> None:
+    for i in order if order is not None else range(spec.num_layers):
+        handle.send_layer(i, layer_data(spec, i, seed))
+    handle.finish(first_token)
+
+
+@pytest.fixture
+def pair(request):
+    receiver, sender = make_receiver(request.param), make_sender(request.param)
+    yield receiver, sender
+    sender.close()
+    receiver.close()
+
+
+def deadline(seconds: float = 10.0) -> float:
+    return time.monotonic() + seconds
+
+
+@pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_round_trip_bytes_identical(pair, dtype):
+    receiver, sender = pair
+    spec = make_spec(dtype=dtype)
+    sink = BlockSink(spec)
+    receiver.expect(spec, sink, deadline())
+    assert receiver.poll(spec.request_id).state == TransferState.WAITING
+    handle = sender.open(receiver.address(), spec, deadline())
+    send_all(handle, spec, first_token=12345)
+    assert handle.wait(10) == DONE, handle.error
+    status = receiver.poll(spec.request_id)
+    assert (status.state, status.layers_received, status.first_token_id) == (DONE, 30, 12345)
+    assert sorted(sink.received) == list(range(30))
+    for i in range(30):
+        assert torch.equal(sink.layer(i), layer_data(spec, i))
+
+
+@pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)
+def test_layers_out_of_order_counted_as_they_land(pair):
+    receiver, sender = pair
+    spec = make_spec(num_tokens=40)
+    sink = BlockSink(spec, seed=3)
+    receiver.expect(spec, sink, deadline())
+    handle = sender.open(receiver.address(), spec, deadline())
+    order = random.Random(1).sample(range(30), 30)
+    for n, i in enumerate(order[:10], 1):
+        handle.send_layer(i, layer_data(spec, i))
+        assert wait_for(lambda n=n: receiver.poll(spec.request_id).layers_received == n)
+    assert receiver.poll(spec.request_id).state == RECEIVING
+    for i in order[10:]:
+        handle.send_layer(i, layer_data(spec, i))
+    handle.finish(3)
+    assert handle.wait(10) == DONE, handle.error
+    assert sink.received == order
+    assert all(torch.equal(sink.layer(i), layer_data(spec, i)) for i in range(30))
+
+
+@pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)
+def test_many_concurrent_transfers_to_one_receiver(pair):
+    receiver, sender = pair
+    specs = [make_spec(f"c{k}", num_tokens=17 + 9 * k, num_layers=6) for k in range(16)]
+    sinks = [BlockSink(s, seed=k) for k, s in enumerate(specs)]
+    for spec, sink in zip(specs, sinks):
+        receiver.expect(spec, sink, deadline())
+    handles = [sender.open(receiver.address(), s, deadline()) for s in specs]
+    threads = [threading.Thread(target=send_all, args=(h, s), kwargs={"seed": k, "first_token": k})
+               for k, (h, s) in enumerate(zip(handles, specs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, (h, spec, sink) in enumerate(zip(handles, specs, sinks)):
+        assert h.wait(10) == DONE, h.error
+        assert receiver.poll(spec.request_id).first_token_id == k
+        assert all(torch.equal(sink.layer(i), layer_data(spec, i, seed=k)) for i in range(6))
+
+
+@pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)
+def test_header_mismatch_rejected_naming_the_field_then_next_transfer_works(pair):
+    receiver, sender = pair
+    spec = make_spec("m1")
+    receiver.expect(spec, BlockSink(spec), deadline())
+    handle = sender.open(receiver.address(), make_spec("m1", num_tokens=256), deadline())
+    assert handle.wait(5) == FAILED
+    assert "num_tokens" in handle.error and "256" in handle.error
+    status = receiver.poll("m1")
+    assert status.state == FAILED and "num_tokens" in status.error
+    spec2, sink2 = make_spec("m2", num_tokens=20), BlockSink(make_spec("m2", num_tokens=20))
+    receiver.expect(spec2, sink2, deadline())
+    handle2 = sender.open(receiver.address(), spec2, deadline())
+    send_all(handle2, spec2)
+    assert handle2.wait(10) == DONE, handle2.error
+    assert torch.equal(sink2.layer(29), layer_data(spec2, 29))
+
+
+@pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)
+def test_unknown_request_rejected(pair):
+    receiver, sender = pair
+    handle = sender.open(receiver.address(), make_spec("nobody"), deadline())
+    assert handle.wait(5) == FAILED and "not expected" in handle.error
+    assert receiver.poll("nobody").state == FAILED
+
+
+@pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)
+def test_deadline_fails_both_sides_when_layers_never_come(pair):
+    receiver, sender = pair
+    spec = make_spec("late", num_tokens=16)
+    start, budget = time.monotonic(), 0.6
+    receiver.expect(spec, BlockSink(spec), start + budget)
+    handle = sender.open(receiver.address(), spec, start + budget)
+    for i in range(5):
+        handle.send_layer(i, layer_data(spec, i))
+    assert handle.wait(budget + 2) == FAILED
+    status = wait_for(lambda: receiver.poll("late").state == FAILED and receiver.poll("late"), 2)
+    assert time.monotonic() - start < budget + 1.0
+    for error in (handle.error, status.error):  # the budget is measured at open()/expect()
+        assert re.search(r"timed out after 0\.[56]\d s waiting for layer 5", error), error
+
+
+@pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)
+def test_sender_to_a_dead_address_fails_within_the_deadline(pair):
+    receiver, sender = pair
+    if receiver.transport == "local":
+        address = b"local:999999"
+    else:
+        with socket.socket() as s:  # a port nobody listens on any more
+            s.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{s.getsockname()[1]}".encode()
+        address = dead + receiver.address()[len(receiver.address().split(b"|")[0]):]
+    start = time.monotonic()
+    handle = sender.open(address, make_spec(), start + 1.0)
+    assert handle.wait(3) == FAILED and time.monotonic() - start < 1.5
+    assert handle.error
+
+
+@pytest.mark.parametrize("transport", NETWORK)
+def test_silent_peer_times_out_at_the_deadline(transport):
+    """A peer that accepts the connection but never answers (hung process)."""
+    sender = make_sender(transport)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        address = f"127.0.0.1:{silent.getsockname()[1]}".encode() + (b"|x" if transport == "ucx" else b"")
+        start = time.monotonic()
+        handle = sender.open(address, make_spec(), start + 0.5)
+        assert handle.wait(3) == FAILED
+        assert time.monotonic() - start < 1.5
+        assert re.search(r"timed out after 0\.[45]\d s waiting for the receiver to accept", handle.error)
+    sender.close()
+
+
+@pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)
+def test_receiver_cancel_mid_transfer_fails_sender_and_drops_late_layers(pair):
+    receiver, sender = pair
+    spec = make_spec("cx", num_tokens=64)
+    sink = BlockSink(spec)
+    receiver.expect(spec, sink, deadline())
+    handle = sender.open(receiver.address(), spec, deadline())
+    for i in range(3):
+        handle.send_layer(i, layer_data(spec, i))
+    assert wait_for(lambda: receiver.poll("cx").layers_received == 3)
+    receiver.cancel("cx")
+    for i in range(3, 30):
+        handle.send_layer(i, layer_data(spec, i))
+    handle.finish(1)
+    assert handle.wait(5) == FAILED and "cancel" in handle.error
+    assert receiver.poll("cx").state == FAILED  # forgotten: "not expected here"
+    assert sorted(sink.received) == [0, 1, 2]
+    assert not sink.cache[3:].any(), "a layer landed after cancel()"
+
+
+@pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)
+def test_sender_abort_fails_the_receiver(pair):
+    receiver, sender = pair
+    spec = make_spec("ab", num_tokens=32)
+    receiver.expect(spec, BlockSink(spec), deadline())
+    handle = sender.open(receiver.address(), spec, deadline())
+    handle.send_layer(0, layer_data(spec, 0))
+    assert wait_for(lambda: receiver.poll("ab").layers_received == 1)
+    handle.abort("prefill failed")
+    assert handle.wait(1) == FAILED and "prefill failed" in handle.error
+    status = wait_for(lambda: receiver.poll("ab").state == FAILED and receiver.poll("ab"), 3)
+    assert status and status.error
+
+
+@pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)
+def test_send_layer_checks_its_input(pair):
+    receiver, sender = pair
+    spec = make_spec("bad")
+    receiver.expect(spec, BlockSink(spec), deadline())
+    handle = sender.open(receiver.address(), spec, deadline())
+    with pytest.raises(ValueError, match="outside"):
+        handle.send_layer(30, layer_data(spec, 0))
+    with pytest.raises(ValueError, match="header says"):
+        handle.send_layer(0, layer_data(make_spec(num_tokens=5), 0))
+    handle.send_layer(0, layer_data(spec, 0))
+    with pytest.raises(ValueError, match="twice"):
+        handle.send_layer(0, layer_data(spec, 0))
+    handle.abort("test over")
+
+
+@pytest.mark.parametrize("transport", NETWORK)
+def test_garbage_and_malformed_headers_are_rejected(transport):
+    from mls.kv.wire import PREAMBLE, read_status
+
+    receiver = make_receiver(transport)
+    host, port = receiver.address().split(b"|")[0].decode().rsplit(":", 1)
+    receiver.expect(make_spec("t"), BlockSink(make_spec("t")), deadline())
+    bad_tag = json.dumps({**make_spec("t").to_dict(), "tag": 5}).encode()
+    cases = [(b"GET / HTTP/1.1\r\n\r\n", "bad magic"),
+             (PREAMBLE.pack(receiver.magic, 1, 5) + b"{nope", "malformed KV header"),
+             (PREAMBLE.pack(receiver.magic, 1, 2) + b"{}", "lacks field"),
+             (PREAMBLE.pack(receiver.magic, 9, 2) + b"{}", "version 9")]
+    if transport == "ucx":
+        cases.append((PREAMBLE.pack(receiver.magic, 1, len(bad_tag)) + bad_tag, "bad UCX tag"))
+    for payload, expected in cases:
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(payload)
+            ok, message = read_status(s, time.monotonic() + 5)
+            assert not ok and expected in message
+    receiver.close()
+
+
+# -- real processes --------------------------------------------------------------------------
+
+SENDER_SCRIPT = """
+import sys, time
+sys.path.insert(0, sys.argv[3])
+from tests.test_kv_transports import layer_data, make_spec, send_all
+from mls.kv.factory import make_sender
+sender = make_sender(sys.argv[1])
+address = bytes.fromhex(sys.argv[2])
+spec = make_spec("whole", num_tokens=257)
+handle = sender.open(address, spec, time.monotonic() + 20)
+send_all(handle, spec, seed=5, first_token=99)
+print("whole", handle.wait(20).name, handle.error, flush=True)
+spec = make_spec("partial", num_tokens=100)
+handle = sender.open(address, spec, time.monotonic() + 20)
+for i in range(4):
+    handle.send_layer(i, layer_data(spec, i))
+print("partial sent", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("transport", NETWORK)
+def test_two_processes_round_trip_then_sender_killed_mid_transfer(transport):
+    receiver, sender = make_receiver(transport), make_sender(transport)
+    whole, partial = make_spec("whole", num_tokens=257), make_spec("partial", num_tokens=100)
+    sinks = {"whole": BlockSink(whole), "partial": BlockSink(partial)}
+    receiver.expect(whole, sinks["whole"], deadline(30))
+    budget = 8.0
+    receiver.expect(partial, sinks["partial"], deadline(budget))
+    proc = subprocess.Popen([sys.executable, "-c", SENDER_SCRIPT, transport, receiver.address().hex(),
+                             str(ROOT)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().split() == ["whole", "DONE", "None"]
+        assert receiver.poll("whole").first_token_id == 99
+        assert all(torch.equal(sinks["whole"].layer(i), layer_data(whole, i, seed=5)) for i in range(30))
+        assert proc.stdout.readline().strip() == "partial sent"
+        assert wait_for(lambda: receiver.poll("partial").layers_received == 4)
+        killed_at = time.monotonic()
+        proc.send_signal(signal.SIGKILL)
+        status = wait_for(lambda: receiver.poll("partial").state == FAILED and receiver.poll("partial"), budget)
+        assert status and time.monotonic() - killed_at < 2.0, "the control channel saw the peer die"
+        assert "sender closed the connection" in status.error
+    finally:
+        proc.kill()
+        proc.wait()
+    spec = make_spec("after", num_tokens=33)  # the receiver keeps serving
+    sink = BlockSink(spec)
+    receiver.expect(spec, sink, deadline())
+    handle = sender.open(receiver.address(), spec, deadline())
+    send_all(handle, spec)
+    assert handle.wait(10) == DONE, handle.error
+    sender.close()
+    receiver.close()
+
+
+def test_factory_names_the_allowed_transports():
+    with pytest.raises(ValueError, match="local, tcp, ucx"):
+        make_receiver("rdma")
+    with pytest.raises(ValueError, match="local, tcp, ucx"):
+        make_sender("shm")
+    assert make_sender("local").transport == "local"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_finished_transfers_are_forgotten_after_the_retention_time(transport):
+    receiver, sender = make_receiver(transport, retain_finished_s=0.0), make_sender(transport)
+    spec = make_spec("old", num_tokens=4, num_layers=2)
+    receiver.expect(spec, BlockSink(spec), deadline())
+    handle = sender.open(receiver.address(), spec, deadline())
+    send_all(handle, spec)
+    assert handle.wait(10) == DONE and receiver.poll("old").state == DONE
+    receiver.expect(make_spec("new"), BlockSink(make_spec("new")), deadline())
+    assert "not expected" in receiver.poll("old").error
+    sender.close()
+    receiver.close()
