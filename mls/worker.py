@@ -26,8 +26,8 @@ from engine.engine import Engine
 from engine.kv_cache import KVCacheExhausted
 from engine.sequence import InvalidRequestError, SamplingParams, SeqStatus
 from mls.config import MlsConfig
-from mls.kv.base import KVReceiver, KVSender, KVSpec, TransferState
-from mls.kv.sink import EngineSink
+from mls.kv.base import KVReceiver, KVSender, TransferState
+from mls.kv.sink import EngineSink, kv_spec_for
 from mls.metrics import MlsMetrics
 from mls.policy import Job, MixedScheduler, PromptScheduler, QueueFull, TokenScheduler
 from mls.requests import Aborted, BadRequest, Failed, MlsRequest, Overloaded, PrefillResult, WrongState
@@ -226,12 +226,9 @@ class EngineWorker:
         if batch is None:
             return
         reqs = [self.requests.pop(j.request_id) for j in batch.jobs]
-        mc = self.engine.model_config
-        dtype = str(self.engine.dtype).removeprefix("torch.")
         for r in reqs:
-            spec = KVSpec(r.request_id, mc.num_layers, r.seq.prompt_len, mc.num_kv_heads,
-                          mc.head_dim, dtype)
-            r.handle = self.sender.open(r.kv_address, spec, time.monotonic() + r.timeout_s)
+            r.handle = self.sender.open(r.kv_address, kv_spec_for(self.engine, r.seq),
+                                        time.monotonic() + r.timeout_s)
             r.layerwise = r.seq.prompt_len >= self.cfg.kv_transfer.layerwise_min_prompt_tokens
             self._sending[r.request_id] = r
         by_id = {r.request_id: r for r in reqs}
@@ -269,8 +266,6 @@ class EngineWorker:
 
     def _admit_decodes(self) -> None:
         plan = self.token_policy.schedule()
-        mc = self.engine.model_config
-        dtype = str(self.engine.dtype).removeprefix("torch.")
         for job in plan.admitted:
             r = self.requests[job.request_id]
             try:
@@ -278,9 +273,7 @@ class EngineWorker:
             except KVCacheExhausted as e:  # the policy mirrors the pool: this is a bug
                 self._fail(r, f"KV reservation failed: {e}")
                 continue
-            spec = KVSpec(r.request_id, mc.num_layers, r.seq.prompt_len, mc.num_kv_heads,
-                          mc.head_dim, dtype)
-            self.receiver.expect(spec, EngineSink(self.engine, r.seq),
+            self.receiver.expect(kv_spec_for(self.engine, r.seq), EngineSink(self.engine, r.seq),
                                  time.monotonic() + r.timeout_s)
             self._receiving[r.request_id] = r
             r.transfer_start_s = time.monotonic()

@@ -6,6 +6,14 @@ import torch
 
 from engine.engine import Engine
 from engine.sequence import Sequence
+from mls.kv.base import KVSpec
+
+
+def kv_spec_for(engine: Engine, seq: Sequence) -> KVSpec:
+    """The transfer header of seq's prompt KV as this engine lays it out."""
+    mc = engine.model_config
+    return KVSpec(seq.request_id, mc.num_layers, seq.prompt_len, mc.num_kv_heads, mc.head_dim,
+                  str(engine.dtype).removeprefix("torch."))
 
 
 class EngineSink:
