@@ -1,0 +1,241 @@
+"""The cluster's machine pools: home pool, current pool, borrowing, resizing, draining (pure).
+
+A machine has a home pool (`prompt` or `token`) and a current pool; borrowing moves it into the
+elastic `mixed` pool without changing its home. Life cycle of a machine here:
+1. `add` (registered): it joins its home pool.
+2. `update_load` (a load report) overwrites its load; the router's own routing adds to it between
+   reports (`charge_*`), and request progress takes it away (`credit_*`).
+3. `borrow` moves it into the mixed pool; `return_idle` sends it home once it has no work of the
+   other kind.
+4. `resize` changes home pools to operator targets (the machines with the least work of the role
+   they leave move first); a machine keeps finishing the work it holds, but gets no new work of
+   the role it left. `drain` takes a machine out of routing; `undrain` puts it back.
+5. `remove` (lease expired, or the machine left).
+
+Per pool, machines are kept in two sorted lists (by pending prompt tokens, by pending decode
+tokens) so the router's JSQ choice is O(log n) at thousands of machines.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from sortedcontainers import SortedList
+
+
+class Pool(enum.StrEnum):
+    PROMPT = "prompt"
+    TOKEN = "token"
+    MIXED = "mixed"
+
+
+class PoolError(ValueError):
+    """A bad pool operation (unknown machine, impossible resize); the message names it."""
+
+
+@dataclass
+class Machine:
+    machine_id: str
+    home: Pool
+    role: Pool
+    kv_total_blocks: int
+    block_size: int
+    max_model_len: int
+    draining: bool = False
+    pending_prompt_tokens: int = 0
+    prompt_queue_len: int = 0
+    pending_decode_tokens: int = 0
+    kv_free_blocks: int = 0
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @property
+    def kv_used_blocks(self) -> int:
+        return self.kv_total_blocks - self.kv_free_blocks
+
+
+@dataclass(frozen=True)
+class PoolMove:
+    machine_id: str
+    from_pool: Pool
+    to_pool: Pool
+
+
+class Pools:
+    def __init__(self):
+        self.machines: dict[str, Machine] = {}
+        self._by_prompt = {p: SortedList() for p in Pool}  # (pending prompt tokens, id)
+        self._by_decode = {p: SortedList() for p in Pool}  # (pending decode tokens, id)
+        self.num_borrowed = self.num_returned = 0
+
+    # -- membership ---------------------------------------------------------------------------
+
+    def add(self, machine_id: str, home: Pool, kv_total_blocks: int, block_size: int,
+            max_model_len: int) -> Machine:
+        if machine_id in self.machines:
+            raise PoolError(f"machine {machine_id!r} is already registered")
+        if home == Pool.MIXED:
+            raise PoolError(f"machine {machine_id!r}: the home pool must be prompt or token")
+        m = Machine(machine_id, Pool(home), Pool(home), kv_total_blocks, block_size, max_model_len,
+                    kv_free_blocks=kv_total_blocks)
+        self.machines[machine_id] = m
+        self._index(m)
+        return m
+
+    def remove(self, machine_id: str) -> Machine:
+        m = self.get(machine_id)
+        self._unindex(m)
+        del self.machines[machine_id]
+        return m
+
+    def get(self, machine_id: str) -> Machine:
+        try:
+            return self.machines[machine_id]
+        except KeyError:
+            raise PoolError(f"unknown machine {machine_id!r}") from None
+
+    def members(self, pool: Pool) -> list[Machine]:
+        return [m for m in self.machines.values() if m.role == pool]
+
+    def pending_tokens(self, pool: Pool) -> int:
+        return sum(m.pending_prompt_tokens + m.pending_decode_tokens for m in self.members(pool))
+
+    # -- load ---------------------------------------------------------------------------------
+
+    def update_load(self, machine_id: str, *, pending_prompt_tokens: int, prompt_queue_len: int,
+                    pending_decode_tokens: int, kv_free_blocks: int) -> None:
+        m = self.get(machine_id)
+        self._unindex(m)
+        m.pending_prompt_tokens, m.prompt_queue_len = pending_prompt_tokens, prompt_queue_len
+        m.pending_decode_tokens, m.kv_free_blocks = pending_decode_tokens, kv_free_blocks
+        self._index(m)
+
+    def charge_prompt(self, m: Machine, num_tokens: int) -> None:
+        self._unindex(m)
+        m.pending_prompt_tokens += num_tokens
+        m.prompt_queue_len += 1
+        self._index(m)
+
+    def credit_prompt(self, machine_id: str, num_tokens: int) -> None:
+        m = self.machines.get(machine_id)
+        if m is None:
+            return
+        self._unindex(m)
+        m.pending_prompt_tokens = max(0, m.pending_prompt_tokens - num_tokens)
+        m.prompt_queue_len = max(0, m.prompt_queue_len - 1)
+        self._index(m)
+
+    def charge_decode(self, m: Machine, num_tokens: int, num_blocks: int) -> None:
+        self._unindex(m)
+        m.pending_decode_tokens += num_tokens
+        m.kv_free_blocks = max(0, m.kv_free_blocks - num_blocks)
+        self._index(m)
+
+    def credit_decode(self, machine_id: str, num_tokens: int, num_blocks: int = 0) -> None:
+        m = self.machines.get(machine_id)
+        if m is None:
+            return
+        self._unindex(m)
+        m.pending_decode_tokens = max(0, m.pending_decode_tokens - num_tokens)
+        m.kv_free_blocks = min(m.kv_total_blocks, m.kv_free_blocks + num_blocks)
+        self._index(m)
+
+    # -- JSQ lookups (O(log n)) ---------------------------------------------------------------
+
+    def least_prompt_loaded(self, pool: Pool) -> Machine | None:
+        idx = self._by_prompt[pool]
+        return self.machines[idx[0][1]] if idx else None
+
+    def by_prompt_load(self, pool: Pool):
+        """Machines of `pool`, fewest pending prompt tokens first (a lazy iterator)."""
+        for _, machine_id in self._by_prompt[pool]:
+            yield self.machines[machine_id]
+
+    def by_decode_load(self, pool: Pool):
+        """Machines of `pool`, least pending decode work first (a lazy iterator)."""
+        for _, machine_id in self._by_decode[pool]:
+            yield self.machines[machine_id]
+
+    # -- borrowing, resizing, draining --------------------------------------------------------
+
+    def borrow(self, machine_id: str) -> PoolMove:
+        m = self.get(machine_id)
+        if m.role == Pool.MIXED:
+            raise PoolError(f"machine {machine_id!r} is already in the mixed pool")
+        move = self._move(m, Pool.MIXED)
+        self.num_borrowed += 1
+        return move
+
+    def return_idle(self, machine_id: str | None = None) -> list[PoolMove]:
+        """Mixed machines with no work of the other kind go home (one machine, or all)."""
+        ids = [machine_id] if machine_id is not None else list(self._mixed_ids())
+        moves = []
+        for mid in ids:
+            m = self.machines.get(mid)
+            if m is None or m.role != Pool.MIXED:
+                continue
+            other_work = (m.pending_prompt_tokens or m.prompt_queue_len) if m.home == Pool.TOKEN \
+                else m.pending_decode_tokens
+            if not other_work:
+                moves.append(self._move(m, m.home))
+                self.num_returned += 1
+        return moves
+
+    def resize(self, num_prompt: int | None = None, num_token: int | None = None) -> list[PoolMove]:
+        """Sets home-pool sizes; returns the moves (empty when already there)."""
+        total = len(self.machines)
+        if num_prompt is None and num_token is None:
+            raise PoolError("resize needs num_prompt or num_token")
+        num_prompt = total - num_token if num_prompt is None else num_prompt
+        num_token = total - num_prompt if num_token is None else num_token
+        if num_prompt < 0 or num_token < 0 or num_prompt + num_token != total:
+            raise PoolError(f"pool sizes must be non-negative and sum to the {total} registered "
+                            f"machines, got prompt={num_prompt} token={num_token}")
+        homes = {p: [m for m in self.machines.values() if m.home == p] for p in (Pool.PROMPT, Pool.TOKEN)}
+        surplus = len(homes[Pool.PROMPT]) - num_prompt
+        if surplus == 0:
+            return []
+        src, dst = (Pool.PROMPT, Pool.TOKEN) if surplus > 0 else (Pool.TOKEN, Pool.PROMPT)
+        # The machines holding the least work of the role they leave move first.
+        key = (lambda m: (m.pending_prompt_tokens, m.machine_id)) if src == Pool.PROMPT \
+            else (lambda m: (m.pending_decode_tokens, m.machine_id))
+        moves = []
+        for m in sorted(homes[src], key=key)[:abs(surplus)]:
+            m.home = dst
+            if m.role != Pool.MIXED:  # a borrowed machine returns to its new home when idle
+                moves.append(self._move(m, dst))
+            else:
+                moves.append(PoolMove(m.machine_id, src, dst))
+        return moves
+
+    def set_draining(self, machine_id: str, draining: bool) -> Machine:
+        m = self.get(machine_id)
+        if m.draining != draining:
+            self._unindex(m)
+            m.draining = draining
+            self._index(m)
+        return m
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _mixed_ids(self):
+        return [m.machine_id for m in self.machines.values() if m.role == Pool.MIXED]
+
+    def _move(self, m: Machine, to: Pool) -> PoolMove:
+        move = PoolMove(m.machine_id, m.role, to)
+        self._unindex(m)
+        m.role = to
+        self._index(m)
+        return move
+
+    def _index(self, m: Machine) -> None:
+        if not m.draining:
+            self._by_prompt[m.role].add((m.pending_prompt_tokens, m.machine_id))
+            self._by_decode[m.role].add((m.pending_decode_tokens, m.machine_id))
+
+    def _unindex(self, m: Machine) -> None:
+        if not m.draining:
+            self._by_prompt[m.role].remove((m.pending_prompt_tokens, m.machine_id))
+            self._by_decode[m.role].remove((m.pending_decode_tokens, m.machine_id))

@@ -1,0 +1,109 @@
+"""The router: picks a prompt machine and a token machine together, JSQ by pending tokens (pure).
+
+One routing decision (`route`):
+1. Prompt machine: the prompt pool's machine with the fewest pending prompt tokens, unless it is
+   long-queued (queue non-empty and pending + this prompt > `prompt_queue_limit_tokens`); then
+   the mixed pool's; then borrow the token-pool machine with the least pending decode work into
+   the mixed pool. Still none: the least-loaded long-queued machine (the prompt waits in line).
+2. Token machine: the token pool's machine with the least pending decode work whose free KV
+   memory holds prompt + max output; then the mixed pool's; then borrow the prompt-pool machine
+   with the least KV memory in use. Still none: the least-loaded machine that could ever hold
+   the request (it waits there for memory).
+3. The same machine for both, or a cluster with one usable machine: colocated (no KV transfer).
+4. The choice is charged to both machines at once (pending tokens, reserved blocks), so the next
+   decision sees it before the next load report arrives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cls.pools import Machine, Pool, PoolMove, Pools
+
+
+class NoMachine(RuntimeError):
+    """No machine can serve this request (none registered, all draining, or too large)."""
+
+
+@dataclass(frozen=True)
+class Route:
+    prompt_machine: str
+    token_machine: str
+    num_blocks: int
+    """KV blocks charged to the token machine (prompt + max output)."""
+    borrowed: list[PoolMove] = field(default_factory=list)
+
+    @property
+    def colocated(self) -> bool:
+        return self.prompt_machine == self.token_machine
+
+
+class Router:
+    def __init__(self, pools: Pools, prompt_queue_limit_tokens: int = 8192):
+        self.pools = pools
+        self.prompt_queue_limit_tokens = prompt_queue_limit_tokens
+
+    def route(self, prompt_len: int, max_tokens: int, exclude: frozenset[str] = frozenset()) -> Route:
+        """Chooses and charges a (prompt, token) pair; `exclude` skips machines (re-routing)."""
+        borrowed: list[PoolMove] = []
+        prompt_m = self._choose_prompt(prompt_len, exclude, borrowed)
+        token_m = self._choose_token(prompt_len + max_tokens, exclude, borrowed)
+        if prompt_m is None and token_m is None:
+            raise NoMachine("no machine is available (none registered, or all draining)")
+        prompt_m = prompt_m or token_m  # colocated fallback: one machine runs both phases
+        token_m = token_m or prompt_m
+        blocks = token_m.blocks_for(prompt_len + max_tokens)
+        self.pools.charge_prompt(prompt_m, prompt_len)
+        self.pools.charge_decode(token_m, max_tokens, blocks)
+        return Route(prompt_m.machine_id, token_m.machine_id, blocks, borrowed)
+
+    def fits_anywhere(self, num_tokens: int) -> bool:
+        return any(m.blocks_for(num_tokens) <= m.kv_total_blocks and num_tokens <= m.max_model_len
+                   for m in self.pools.machines.values() if not m.draining)
+
+    # -- prompt side --------------------------------------------------------------------------
+
+    def _long_queued(self, m: Machine, prompt_len: int) -> bool:
+        return m.prompt_queue_len > 0 and \
+            m.pending_prompt_tokens + prompt_len > self.prompt_queue_limit_tokens
+
+    def _choose_prompt(self, prompt_len: int, exclude, borrowed: list) -> Machine | None:
+        fallback = None
+        for pool in (Pool.PROMPT, Pool.MIXED):
+            m = self._least_prompt(pool, exclude)
+            if m is not None and not self._long_queued(m, prompt_len):
+                return m
+            if m is not None and (fallback is None
+                                  or m.pending_prompt_tokens < fallback.pending_prompt_tokens):
+                fallback = m
+        lender = next((m for m in self.pools.by_decode_load(Pool.TOKEN) if m.machine_id not in exclude), None)
+        if lender is not None:
+            borrowed.append(self.pools.borrow(lender.machine_id))
+            return lender
+        return fallback
+
+    def _least_prompt(self, pool: Pool, exclude) -> Machine | None:
+        if not exclude:
+            return self.pools.least_prompt_loaded(pool)
+        return next((m for m in self.pools.by_prompt_load(pool) if m.machine_id not in exclude), None)
+
+    # -- token side ---------------------------------------------------------------------------
+
+    def _choose_token(self, num_tokens: int, exclude, borrowed: list) -> Machine | None:
+        for pool in (Pool.TOKEN, Pool.MIXED):
+            for m in self.pools.by_decode_load(pool):
+                if m.machine_id not in exclude and m.blocks_for(num_tokens) <= m.kv_free_blocks:
+                    return m
+        lenders = [m for m in self.pools.by_decode_load(Pool.PROMPT) if m.machine_id not in exclude
+                   and m.blocks_for(num_tokens) <= m.kv_free_blocks]
+        if lenders:
+            lender = min(lenders, key=lambda m: (m.kv_used_blocks, m.machine_id))
+            borrowed.append(self.pools.borrow(lender.machine_id))
+            return lender
+        for pool in (Pool.TOKEN, Pool.MIXED, Pool.PROMPT):  # none has memory now: wait in line
+            for m in self.pools.by_decode_load(pool):
+                if m.machine_id not in exclude and m.blocks_for(num_tokens) <= m.kv_total_blocks:
+                    if pool == Pool.PROMPT:
+                        borrowed.append(self.pools.borrow(m.machine_id))
+                    return m
+        return None
