@@ -78,21 +78,26 @@ class MlsConfig:
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict | None = None) -> MlsConfig:
-        import yaml
+        return from_dict(cls, load_yaml(path, overrides))
 
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        for key, value in (overrides or {}).items():  # dotted keys reach nested sections
-            *parents, leaf = key.split(".")
-            node = data
-            for part in parents:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"cannot override {key}: {part} is not a section")
-            node[leaf] = value
-        return from_dict(cls, data)
+
+def load_yaml(path: str | Path, overrides: dict | None = None) -> dict:
+    """Reads a YAML mapping and applies dotted-key overrides (`engine.dtype`) to it."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for key, value in (overrides or {}).items():  # dotted keys reach nested sections
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot override {key}: {part} is not a section")
+        node[leaf] = value
+    return data
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
@@ -128,3 +133,16 @@ def _check(key: str, value, hint):
             return value
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
     raise ConfigError(f"{key} must be {names}, got {value!r}")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set KEY=YAML` arguments -> {dotted key: value}."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set needs KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
