@@ -125,6 +125,10 @@ class Pools:
         self._unindex(m)
         m.pending_prompt_tokens = max(0, m.pending_prompt_tokens - num_tokens)
         m.prompt_queue_len = max(0, m.prompt_queue_len - 1)
+        if not (m.pending_prompt_tokens and m.prompt_queue_len):
+            # Credits racing a load report can empty one and not the other; pending tokens are
+            # the queued prompts' tokens, so either empty means both (the router relies on it).
+            m.pending_prompt_tokens = m.prompt_queue_len = 0
         self._index(m)
 
     def charge_decode(self, m: Machine, num_tokens: int, num_blocks: int) -> None:

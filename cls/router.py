@@ -50,6 +50,11 @@ class Router:
         token_m = self._choose_token(prompt_len + max_tokens, exclude, borrowed)
         if prompt_m is None and token_m is None:
             raise NoMachine("no machine is available (none registered, or all draining)")
+        if token_m is None:  # the last fallback already tried every machine's total KV memory
+            for move in borrowed:
+                self.pools.return_idle(move.machine_id)
+            raise NoMachine(f"no available machine's KV memory can hold {prompt_len + max_tokens} "
+                            "tokens (prompt + max_tokens)")
         prompt_m = prompt_m or token_m  # colocated fallback: one machine runs both phases
         token_m = token_m or prompt_m
         blocks = token_m.blocks_for(prompt_len + max_tokens)
@@ -68,6 +73,8 @@ class Router:
             m.pending_prompt_tokens + prompt_len > self.prompt_queue_limit_tokens
 
     def _choose_prompt(self, prompt_len: int, exclude, borrowed: list) -> Machine | None:
+        # Checking each pool's least-loaded machine suffices: Pools keeps an empty queue at zero
+        # pending tokens, so when it is long-queued, every machine of the pool is.
         fallback = None
         for pool in (Pool.PROMPT, Pool.MIXED):
             m = self._least_prompt(pool, exclude)
