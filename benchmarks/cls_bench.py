@@ -1,0 +1,392 @@
+"""Cluster scheduler benchmarks.
+
+Part `routing`: the pure router at cluster scale. For each cluster size, half prompt and half
+token machines with realistic KV sizes, warmed with random load reports, then a steady loop that
+does what clsd does per request: `route()`, then `credit_prompt` when an earlier request's
+prefill is done and `credit_decode` when an earlier request finishes, with load reports arriving
+like heartbeats (`update_load`, round-robin over the machines, reporting what the machine really
+holds). Measured: the latency of one `route()` call (p50, p99), routing decisions per second
+(1 / mean latency; `loop/s` counts the whole loop, credits and heartbeats included), against a
+brute-force O(n) JSQ (a linear min over all machines) run on a copy of the same warmed state with
+the same requests. Then a short check: the sorted router's choices against the brute force on
+the same state (`JSQ agree`, per side where the pool's own JSQ decides). Target: one decision
+under 50 microseconds at 10,000 machines.
+
+Part `clsd` (not written yet, see `bench_clsd`): clsd through gRPC with fake machines.
+
+    .venv/bin/python benchmarks/cls_bench.py [--part routing|clsd|all] [--machines 10,100,1000,10000]
+        [--decisions 20000] [--linear-decisions 2000] [--out benchmarks/results/cls_bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cls.pools import Machine, Pool, Pools  # noqa: E402
+from cls.router import Router  # noqa: E402
+
+BLOCK_SIZE = 16
+# KV blocks of 16 tokens a machine holds after weights and activations, bf16:
+# Llama-3.1-8B on one H100 80 GB (128 KiB per token, ~56 GiB free) and Llama-3.1-70B on 8 H100s
+# (320 KiB per token, ~420 GiB free).
+KV_BLOCKS = (28_000, 85_000)
+MAX_MODEL_LEN = 131_072
+PROMPT_QUEUE_LIMIT = 8192
+
+
+# -- the two schedulers under test ----------------------------------------------------------------
+
+class SortedJsq:
+    """The real thing: cls.router.Router over cls.pools.Pools, with clsd's calls around it (a
+    borrowed machine is offered its way home after each credit and each load report)."""
+
+    def __init__(self, machines: list[Machine]):
+        self.pools = Pools()
+        for m in machines:
+            self.pools.add(m.machine_id, m.home, m.kv_total_blocks, m.block_size, m.max_model_len)
+            self.report(m.machine_id, m.pending_prompt_tokens, m.prompt_queue_len,
+                        m.pending_decode_tokens, m.kv_free_blocks)
+        self.router = Router(self.pools, PROMPT_QUEUE_LIMIT)
+        self.machines = self.pools.machines
+
+    def route(self, prompt_len: int, max_tokens: int) -> tuple[str, str, int]:
+        r = self.router.route(prompt_len, max_tokens)
+        return r.prompt_machine, r.token_machine, r.num_blocks
+
+    def credit_prompt(self, machine_id: str, num_tokens: int) -> None:
+        self.pools.credit_prompt(machine_id, num_tokens)
+        if self.machines[machine_id].role == Pool.MIXED:
+            self.pools.return_idle(machine_id)
+
+    def credit_decode(self, machine_id: str, num_tokens: int, num_blocks: int) -> None:
+        self.pools.credit_decode(machine_id, num_tokens, num_blocks)
+        if self.machines[machine_id].role == Pool.MIXED:
+            self.pools.return_idle(machine_id)
+
+    def report(self, machine_id: str, prompt: int, queue: int, decode: int, free: int) -> None:
+        self.pools.update_load(machine_id, pending_prompt_tokens=prompt, prompt_queue_len=queue,
+                               pending_decode_tokens=decode, kv_free_blocks=free)
+        self.pools.return_idle(machine_id)
+
+
+class LinearJsq:
+    """The brute-force reference: the same JSQ choice as a linear min over every machine, the same
+    bookkeeping as plain field updates (no index to maintain)."""
+
+    def __init__(self, machines: list[Machine]):
+        self.machines = {m.machine_id: Machine(**vars(m)) for m in machines}
+        self.prompt_pool = [m for m in self.machines.values() if m.role == Pool.PROMPT]
+        self.token_pool = [m for m in self.machines.values() if m.role == Pool.TOKEN]
+
+    def route(self, prompt_len: int, max_tokens: int) -> tuple[str, str, int]:
+        need = prompt_len + max_tokens
+        # where none qualifies, the least-loaded machine (the router would borrow one instead)
+        pm = linear_prompt(self.prompt_pool, prompt_len) or \
+            min(self.prompt_pool, key=lambda m: (m.pending_prompt_tokens, m.machine_id))
+        tm = linear_token(self.token_pool, need) or \
+            min(self.token_pool, key=lambda m: (m.pending_decode_tokens, m.machine_id))
+        blocks = tm.blocks_for(need)
+        pm.pending_prompt_tokens += prompt_len
+        pm.prompt_queue_len += 1
+        tm.pending_decode_tokens += max_tokens
+        tm.kv_free_blocks = max(0, tm.kv_free_blocks - blocks)
+        return pm.machine_id, tm.machine_id, blocks
+
+    def credit_prompt(self, machine_id: str, num_tokens: int) -> None:
+        m = self.machines[machine_id]
+        m.pending_prompt_tokens = max(0, m.pending_prompt_tokens - num_tokens)
+        m.prompt_queue_len = max(0, m.prompt_queue_len - 1)
+        if not (m.pending_prompt_tokens and m.prompt_queue_len):
+            m.pending_prompt_tokens = m.prompt_queue_len = 0
+
+    def credit_decode(self, machine_id: str, num_tokens: int, num_blocks: int) -> None:
+        m = self.machines[machine_id]
+        m.pending_decode_tokens = max(0, m.pending_decode_tokens - num_tokens)
+        m.kv_free_blocks = min(m.kv_total_blocks, m.kv_free_blocks + num_blocks)
+
+    def report(self, machine_id: str, prompt: int, queue: int, decode: int, free: int) -> None:
+        m = self.machines[machine_id]
+        m.pending_prompt_tokens, m.prompt_queue_len = prompt, queue
+        m.pending_decode_tokens, m.kv_free_blocks = decode, free
+
+
+def linear_prompt(pool: list[Machine], prompt_len: int) -> Machine | None:
+    """JSQ by brute force: the fewest pending prompt tokens among machines not long-queued."""
+    limit = PROMPT_QUEUE_LIMIT - prompt_len
+    ok = [m for m in pool if not (m.prompt_queue_len and m.pending_prompt_tokens > limit)]
+    return min(ok, key=lambda m: (m.pending_prompt_tokens, m.machine_id)) if ok else None
+
+
+def linear_token(pool: list[Machine], num_tokens: int) -> Machine | None:
+    """JSQ by brute force: the least pending decode work among machines with the KV memory free."""
+    ok = [m for m in pool if m.blocks_for(num_tokens) <= m.kv_free_blocks]
+    return min(ok, key=lambda m: (m.pending_decode_tokens, m.machine_id)) if ok else None
+
+
+class CheckedJsq:
+    """SortedJsq with every decision checked against the brute force on the same state, on each
+    side where that pool's own JSQ decides (no borrowing, not the mixed pool)."""
+
+    def __init__(self, fast: SortedJsq):
+        self.fast, self.machines = fast, fast.machines
+        self.credit_prompt, self.credit_decode = fast.credit_prompt, fast.credit_decode
+        self.report = fast.report
+        self.agree = self.checked = 0
+
+    def route(self, prompt_len: int, max_tokens: int) -> tuple[str, str, int]:
+        pools = self.fast.pools
+        pm = linear_prompt(pools.members(Pool.PROMPT), prompt_len)
+        tm = linear_token(pools.members(Pool.TOKEN), prompt_len + max_tokens)
+        r = self.fast.router.route(prompt_len, max_tokens)
+        if not r.borrowed:
+            for expected, got in ((pm, r.prompt_machine), (tm, r.token_machine)):
+                if expected is not None:
+                    self.checked += 1
+                    self.agree += expected.machine_id == got
+        return r.prompt_machine, r.token_machine, r.num_blocks
+
+
+# -- workload -------------------------------------------------------------------------------------
+
+def make_cluster(num_machines: int, rng: random.Random) -> list[Machine]:
+    """Half prompt, half token machines, each with a random background load already reported."""
+    machines = []
+    for i in range(num_machines):
+        home = Pool.PROMPT if i < num_machines // 2 else Pool.TOKEN
+        total = rng.choice(KV_BLOCKS)
+        m = Machine(f"{home.value[0]}{i:05d}", home, home, total, BLOCK_SIZE, MAX_MODEL_LEN)
+        if home == Pool.PROMPT:
+            m.prompt_queue_len = rng.choice([0, 0, 0, 1])
+            m.pending_prompt_tokens = prompt_len(rng) if m.prompt_queue_len else 0
+            m.kv_free_blocks = total - rng.randint(0, total // 10)
+        else:
+            m.pending_decode_tokens = rng.randint(0, 20_000)
+            m.kv_free_blocks = total - rng.randint(0, total // 2)
+        machines.append(m)
+    return machines
+
+
+def prompt_len(rng: random.Random) -> int:
+    # Splitwise's traces: conversation prompts ~1k tokens (median), coding ~1.5k, a long tail
+    return min(16_000, max(8, int(rng.lognormvariate(math.log(1100), 0.9))))
+
+
+def output_len(rng: random.Random) -> int:
+    return min(4096, max(1, int(rng.lognormvariate(math.log(120), 1.0))))
+
+
+@dataclass
+class Workload:
+    """What the machines really hold: their background load plus the requests routed to them and
+    not yet done. Heartbeats report it; between them the router's own charges and credits rule."""
+
+    background: dict[str, tuple[int, int, int, int]]
+    """machine id -> (prompt tokens, prompt queue length, decode tokens, KV blocks in use)"""
+    prompt_lag: int
+    """A request's prefill is done this many decisions after it was routed..."""
+    decode_lag: int
+    """...and it finishes this many decisions after it was routed."""
+    prefilling: deque = field(default_factory=deque)  # (prompt machine, prompt tokens)
+    decoding: deque = field(default_factory=deque)  # (token machine, max tokens, blocks)
+    live: dict[str, list[int]] = field(default_factory=dict)  # like `background`, in-flight requests
+
+    @classmethod
+    def of(cls, machines: list[Machine], prompt_lag: int, decode_lag: int) -> Workload:
+        bg = {m.machine_id: (m.pending_prompt_tokens, m.prompt_queue_len, m.pending_decode_tokens,
+                             m.kv_used_blocks) for m in machines}
+        return cls(bg, prompt_lag, decode_lag, live={mid: [0, 0, 0, 0] for mid in bg})
+
+    def copy(self) -> Workload:
+        return Workload(self.background, self.prompt_lag, self.decode_lag, deque(self.prefilling),
+                        deque(self.decoding), {mid: list(v) for mid, v in self.live.items()})
+
+
+def steady_loop(sched, requests, work: Workload, reports_per_decision: float):
+    """clsd's use of the router: route, credit earlier requests' progress, apply heartbeats
+    (round-robin over the machines). Returns (route() latencies in ns, whole-loop seconds)."""
+    ids = list(sched.machines)
+    live, prefilling, decoding = work.live, work.prefilling, work.decoding
+    latencies = []
+    report_due, next_report = 0.0, 0
+    perf_ns = time.perf_counter_ns
+    start = perf_ns()
+    for prompt_len_, max_tokens in requests:
+        t0 = perf_ns()
+        pm, tm, blocks = sched.route(prompt_len_, max_tokens)
+        latencies.append(perf_ns() - t0)
+        prefilling.append((pm, prompt_len_))
+        decoding.append((tm, max_tokens, blocks))
+        p, t = live[pm], live[tm]
+        p[0] += prompt_len_
+        p[1] += 1
+        t[2] += max_tokens
+        t[3] += blocks
+        if len(prefilling) > work.prompt_lag:  # an earlier request's prefill is done
+            mid, n = prefilling.popleft()
+            sched.credit_prompt(mid, n)
+            live[mid][0] -= n
+            live[mid][1] -= 1
+        if len(decoding) > work.decode_lag:  # an earlier request finished
+            mid, n, b = decoding.popleft()
+            sched.credit_decode(mid, n, b)
+            live[mid][2] -= n
+            live[mid][3] -= b
+        report_due += reports_per_decision
+        while report_due >= 1.0:
+            report_due -= 1.0
+            mid = ids[next_report]
+            next_report = (next_report + 1) % len(ids)
+            bg, lv = work.background[mid], live[mid]
+            used = bg[3] + lv[3]
+            sched.report(mid, bg[0] + lv[0], bg[1] + lv[1], bg[2] + lv[2],
+                         max(0, sched.machines[mid].kv_total_blocks - used))
+    return latencies, (perf_ns() - start) / 1e9
+
+
+def percentile(sorted_values: list[int], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def summarize(latencies: list[int], loop_s: float) -> dict:
+    lat = sorted(latencies)
+    return {
+        "decisions": len(lat),
+        "route_us_p50": percentile(lat, 0.50) / 1e3,
+        "route_us_p99": percentile(lat, 0.99) / 1e3,
+        "route_us_mean": sum(lat) / len(lat) / 1e3,
+        "decisions_per_s": len(lat) / (sum(lat) / 1e9),
+        "loop_decisions_per_s": len(lat) / loop_s,
+    }
+
+
+# -- part 1: routing ------------------------------------------------------------------------------
+
+def bench_routing(sizes: list[int], decisions: int, linear_decisions: int, seed: int,
+                  reports_per_decision: float) -> list[dict]:
+    rows = []
+    for n in sizes:
+        rng = random.Random(seed + n)
+        cluster = make_cluster(n, rng)
+        # In flight: about one queued prompt per two prompt machines and two decoding requests
+        # per token machine, on top of the background load.
+        work = Workload.of(cluster, prompt_lag=max(1, n // 4), decode_lag=max(1, n))
+        warmup = work.decode_lag + 1000
+        requests = [(prompt_len(rng), output_len(rng)) for _ in range(warmup + decisions)]
+
+        fast = SortedJsq(cluster)
+        steady_loop(fast, requests[:warmup], work, reports_per_decision)
+        # The reference starts from a copy of the warmed state with the same requests in flight.
+        linear = LinearJsq(list(fast.machines.values()))
+        num_linear = min(linear_decisions, decisions)
+        gc.collect()
+        lin_lat, lin_s = steady_loop(linear, requests[warmup:warmup + num_linear], work.copy(),
+                                     reports_per_decision)
+        gc.collect()
+        lat, loop_s = steady_loop(fast, requests[warmup:], work, reports_per_decision)
+        checked = CheckedJsq(fast)
+        steady_loop(checked, [(prompt_len(rng), output_len(rng)) for _ in range(num_linear)], work,
+                    reports_per_decision)
+        row = {"num_machines": n, **summarize(lat, loop_s), "linear": summarize(lin_lat, lin_s)}
+        row["speedup_vs_linear"] = row["decisions_per_s"] / row["linear"]["decisions_per_s"]
+        row["jsq_checked"], row["jsq_agree"] = checked.checked, checked.agree
+        row["num_borrowed"], row["num_returned"] = fast.pools.num_borrowed, fast.pools.num_returned
+        row["p50_under_50_us"], row["p99_under_50_us"] = row["route_us_p50"] < 50, row["route_us_p99"] < 50
+        rows.append(row)
+        print_row(row)
+    return rows
+
+
+HEADER = (f"{'machines':>8} {'route p50 us':>12} {'p99 us':>8} {'decisions/s':>12} {'loop/s':>9} "
+          f"{'linear p50 us':>13} {'linear/s':>9} {'speedup':>8} {'JSQ agree':>11} {'borrows':>7}")
+
+
+def print_row(r: dict) -> None:
+    lin = r["linear"]
+    print(f"{r['num_machines']:>8} {r['route_us_p50']:>12.1f} {r['route_us_p99']:>8.1f} "
+          f"{r['decisions_per_s']:>12,.0f} {r['loop_decisions_per_s']:>9,.0f} {lin['route_us_p50']:>13.1f} "
+          f"{lin['decisions_per_s']:>9,.0f} {r['speedup_vs_linear']:>7.1f}x "
+          f"{r['jsq_agree']:>5}/{r['jsq_checked']:<5} {r['num_borrowed']:>7}", flush=True)
+
+
+# -- part 2: clsd through gRPC (to be written) ----------------------------------------------------
+
+def bench_clsd(args: argparse.Namespace) -> dict:
+    """clsd through gRPC with fake machines: requests per second, the latency clsd adds (p50,
+    p99) and token-stream throughput. Returns the part's JSON section."""
+    raise NotImplementedError("part 'clsd' (clsd through gRPC with fake machines: requests/s, "
+                              "added latency p50/p99, token-stream throughput) is not written yet")
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+def host_info() -> dict:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"processor": platform.processor(), "cpu_model": model, "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=["routing", "clsd", "all"], default="all")
+    ap.add_argument("--machines", default="10,100,1000,10000",
+                    help="cluster sizes, comma-separated (half prompt, half token machines)")
+    ap.add_argument("--decisions", type=int, default=20_000, help="timed routing decisions per size")
+    ap.add_argument("--linear-decisions", type=int, default=2_000,
+                    help="timed decisions of the O(n) reference per size (it is slow at 10,000)")
+    ap.add_argument("--reports-per-decision", type=float, default=0.5,
+                    help="load reports per decision: 1 / (requests/s per machine x heartbeat_s)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results/cls_bench.json")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.machines.split(",")]
+    if any(n < 2 for n in sizes) or args.decisions < 1 or args.linear_decisions < 1:
+        ap.error("--machines must be >= 2 each, --decisions and --linear-decisions >= 1")
+
+    result: dict = {"host": host_info(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "parameters": vars(args), "skipped": {}}
+    parts = ["routing", "clsd"] if args.part == "all" else [args.part]
+    for part in parts:
+        if part == "routing":
+            print(f"routing: {args.decisions} decisions per size ({args.linear_decisions} for the "
+                  f"linear reference), {args.reports_per_decision} load reports per decision")
+            print(HEADER)
+            result["routing"] = bench_routing(sizes, args.decisions, args.linear_decisions, args.seed,
+                                              args.reports_per_decision)
+        else:
+            try:
+                result["clsd"] = bench_clsd(args)
+            except NotImplementedError as e:
+                if args.part != "all":
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
+                result["skipped"][part] = str(e)
+                print(f"skipped: {e}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
