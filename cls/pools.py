@@ -107,44 +107,34 @@ class Pools:
     def update_load(self, machine_id: str, *, pending_prompt_tokens: int, prompt_queue_len: int,
                     pending_decode_tokens: int, kv_free_blocks: int) -> None:
         m = self.get(machine_id)
-        self._unindex(m)
-        m.pending_prompt_tokens, m.prompt_queue_len = pending_prompt_tokens, prompt_queue_len
-        m.pending_decode_tokens, m.kv_free_blocks = pending_decode_tokens, kv_free_blocks
-        self._index(m)
+        m.kv_free_blocks = max(0, min(m.kv_total_blocks, kv_free_blocks))
+        self._set_prompt_load(m, pending_prompt_tokens, prompt_queue_len)
+        self._set_decode_load(m, pending_decode_tokens)
 
     def charge_prompt(self, m: Machine, num_tokens: int) -> None:
-        self._unindex(m)
-        m.pending_prompt_tokens += num_tokens
-        m.prompt_queue_len += 1
-        self._index(m)
+        self._set_prompt_load(m, m.pending_prompt_tokens + num_tokens, m.prompt_queue_len + 1)
 
     def credit_prompt(self, machine_id: str, num_tokens: int) -> None:
         m = self.machines.get(machine_id)
         if m is None:
             return
-        self._unindex(m)
-        m.pending_prompt_tokens = max(0, m.pending_prompt_tokens - num_tokens)
-        m.prompt_queue_len = max(0, m.prompt_queue_len - 1)
-        if not (m.pending_prompt_tokens and m.prompt_queue_len):
+        pending, queue_len = max(0, m.pending_prompt_tokens - num_tokens), max(0, m.prompt_queue_len - 1)
+        if not (pending and queue_len):
             # Credits racing a load report can empty one and not the other; pending tokens are
             # the queued prompts' tokens, so either empty means both (the router relies on it).
-            m.pending_prompt_tokens = m.prompt_queue_len = 0
-        self._index(m)
+            pending = queue_len = 0
+        self._set_prompt_load(m, pending, queue_len)
 
     def charge_decode(self, m: Machine, num_tokens: int, num_blocks: int) -> None:
-        self._unindex(m)
-        m.pending_decode_tokens += num_tokens
         m.kv_free_blocks = max(0, m.kv_free_blocks - num_blocks)
-        self._index(m)
+        self._set_decode_load(m, m.pending_decode_tokens + num_tokens)
 
     def credit_decode(self, machine_id: str, num_tokens: int, num_blocks: int = 0) -> None:
         m = self.machines.get(machine_id)
         if m is None:
             return
-        self._unindex(m)
-        m.pending_decode_tokens = max(0, m.pending_decode_tokens - num_tokens)
         m.kv_free_blocks = min(m.kv_total_blocks, m.kv_free_blocks + num_blocks)
-        self._index(m)
+        self._set_decode_load(m, max(0, m.pending_decode_tokens - num_tokens))
 
     # -- JSQ lookups (O(log n)) ---------------------------------------------------------------
 
@@ -233,6 +223,21 @@ class Pools:
         m.role = to
         self._index(m)
         return move
+
+    # Charges and credits change one measure: only that sorted list is touched.
+    def _set_prompt_load(self, m: Machine, pending: int, queue_len: int) -> None:
+        if not m.draining and pending != m.pending_prompt_tokens:
+            idx = self._by_prompt[m.role]
+            idx.remove((m.pending_prompt_tokens, m.machine_id))
+            idx.add((pending, m.machine_id))
+        m.pending_prompt_tokens, m.prompt_queue_len = pending, queue_len
+
+    def _set_decode_load(self, m: Machine, pending: int) -> None:
+        if not m.draining and pending != m.pending_decode_tokens:
+            idx = self._by_decode[m.role]
+            idx.remove((m.pending_decode_tokens, m.machine_id))
+            idx.add((pending, m.machine_id))
+        m.pending_decode_tokens = pending
 
     def _index(self, m: Machine) -> None:
         if not m.draining:
