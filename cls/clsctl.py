@@ -10,14 +10,32 @@ that pulls in torch) at the top level, only inside the handler that needs it.
 Commands:
     clsctl models fetch-demo [--out DIR] [--force]   fetch and convert the demo model
     clsctl chat QUESTION [--model DIR]               answer with the engine in this process
+    clsctl generate PROMPT [--chat] [--no-stream]    generate through clsd (streams to stdout)
+    clsctl pools list | resize [--prompt N] [--token N]
+    clsctl machines list | drain ID | undrain ID
+    clsctl local up [--config configs/local.yaml] [--ask QUESTION]   clsd + machines on this host
+
+The commands that talk to clsd take --address (default $CLSD_ADDRESS, else 127.0.0.1:50050),
+--token-file (admin token; default $CLSD_TOKEN_FILE, else .run/admin-token) and --json. Errors
+print `error: <message>` on stderr and exit 1; usage errors exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
+import signal
 import sys
+import threading
+from dataclasses import asdict
+
+from cls.client import ClsClient, ClsError, Completion, MachineStatus, Unavailable, default_address
 
 DEFAULT_DEMO_OUT = "models/SmolLM2-135M-Instruct"
+DEFAULT_TOKEN_FILE = ".run/admin-token"
+DEFAULT_LOCAL_CONFIG = "configs/local.yaml"
 
 
 def _error(msg: str) -> int:
@@ -87,6 +105,312 @@ def _add_chat(groups: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_chat)
 
 
+# --- talking to clsd: shared options, output helpers ----------------------------------------
+
+
+def _cluster_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("cluster options")
+    g.add_argument("--address", default=None, metavar="HOST:PORT",
+                   help="clsd address (default: $CLSD_ADDRESS, else 127.0.0.1:50050)")
+    g.add_argument("--token-file", default=None, metavar="PATH",
+                   help=f"admin token file (default: $CLSD_TOKEN_FILE, else {DEFAULT_TOKEN_FILE})")
+    g.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    return common
+
+
+def _address(args: argparse.Namespace) -> str:
+    return args.address or default_address()
+
+
+def _client(args: argparse.Namespace) -> ClsClient:
+    token_file = args.token_file or os.environ.get("CLSD_TOKEN_FILE") or DEFAULT_TOKEN_FILE
+    return ClsClient(_address(args), admin_token_file=token_file)
+
+
+def _cls_error(e: ClsError, args: argparse.Namespace) -> int:
+    if isinstance(e, Unavailable):
+        return _error(f"{e} (is clsd running at {_address(args)}?)")
+    return _error(str(e))
+
+
+def _with_client(handler):
+    """Runs `handler(args, client)`; a ClsError becomes `error: <message>` and exit 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            with _client(args) as client:
+                return handler(args, client)
+        except ClsError as e:
+            return _cls_error(e, args)
+
+    return run
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    """Aligned columns; numbers right-aligned."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool)
+                                  for r in rows) for i in range(len(headers))]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(headers)] + [line(r) for r in cells])
+
+
+def _machines_table(machines: list[MachineStatus]) -> str:
+    rows = [[m.machine_id, m.address, m.home, m.role, "yes" if m.draining else "no",
+             m.pending_prompt_tokens, m.pending_decode_tokens,
+             f"{m.kv_blocks_free}/{m.kv_blocks_total}", m.num_requests,
+             f"{m.lease_expires_in_s:.1f}"] for m in machines]
+    return _table(["MACHINE", "ADDRESS", "HOME", "ROLE", "DRAINING", "PENDING_PROMPT",
+                   "PENDING_DECODE", "KV_FREE", "REQUESTS", "LEASE_S"], rows)
+
+
+# --- pools ----------------------------------------------------------------------------------
+
+
+def _cmd_pools_list(args: argparse.Namespace, client: ClsClient) -> int:
+    pools = client.list_pools()
+    if args.json:
+        _print_json(asdict(pools))
+        return 0
+    rows = [[p.role, len(p.machine_ids), p.pending_tokens, ",".join(p.machine_ids) or "-"]
+            for p in pools.pools]
+    print(_table(["POOL", "MACHINES", "PENDING_TOKENS", "MACHINE_IDS"], rows))
+    print(f"borrowed into mixed: {pools.num_borrowed}, returned: {pools.num_returned}")
+    return 0
+
+
+def _cmd_pools_resize(args: argparse.Namespace, client: ClsClient) -> int:
+    if args.prompt is None and args.token is None:
+        args.parser.error("give --prompt N, --token N or both")
+    moves = client.resize_pools(num_prompt=args.prompt, num_token=args.token)
+    if args.json:
+        _print_json([asdict(m) for m in moves])
+    elif not moves:
+        print("no moves: the pools already have these sizes")
+    else:
+        print(_table(["MACHINE", "FROM", "TO"], [[m.machine_id, m.from_pool, m.to_pool]
+                                                 for m in moves]))
+    return 0
+
+
+def _add_pools(groups: argparse._SubParsersAction) -> None:
+    common = _cluster_options()
+    pools = groups.add_parser("pools", help="show and resize the prompt and token pools",
+                              description="Show and resize the machine pools (admin token needed).")
+    cmds = pools.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = cmds.add_parser("list", parents=[common], help="each pool's machines and pending tokens",
+                        description="Each pool's machines and pending tokens, and how many "
+                                    "borrows into the mixed pool happened.")
+    p.set_defaults(func=_with_client(_cmd_pools_list))
+    p = cmds.add_parser("resize", parents=[common], help="set the home-pool sizes",
+                        description="Set the home-pool sizes; a machine leaving a role first "
+                                    "drains that role's work. Prints the moves.")
+    p.add_argument("--prompt", type=int, default=None, metavar="N", help="prompt machines")
+    p.add_argument("--token", type=int, default=None, metavar="N", help="token machines")
+    p.set_defaults(func=_with_client(_cmd_pools_resize), parser=p)
+
+
+# --- machines -------------------------------------------------------------------------------
+
+
+def _cmd_machines_list(args: argparse.Namespace, client: ClsClient) -> int:
+    machines = client.list_machines()
+    if args.json:
+        _print_json([asdict(m) for m in machines])
+    else:
+        print(_machines_table(machines))
+    return 0
+
+
+def _cmd_machines_drain(args: argparse.Namespace, client: ClsClient) -> int:
+    m = client.drain(args.machine_id) if args.drain else client.undrain(args.machine_id)
+    if args.json:
+        _print_json(asdict(m))
+    else:
+        print(_machines_table([m]))
+    return 0
+
+
+def _add_machines(groups: argparse._SubParsersAction) -> None:
+    common = _cluster_options()
+    machines = groups.add_parser("machines", help="list, drain and undrain machines",
+                                 description="List, drain and undrain machines (admin token needed).")
+    cmds = machines.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = cmds.add_parser("list", parents=[common], help="every registered machine and its load",
+                        description="Every registered machine: pools, load, KV blocks, lease.")
+    p.set_defaults(func=_with_client(_cmd_machines_list))
+    for name, drain, text in (("drain", True, "stop routing new requests to a machine; its "
+                                              "in-flight requests finish"),
+                              ("undrain", False, "route requests to a drained machine again")):
+        p = cmds.add_parser(name, parents=[common], help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("machine_id", metavar="ID")
+        p.set_defaults(func=_with_client(_cmd_machines_drain), drain=drain)
+
+
+# --- generate -------------------------------------------------------------------------------
+
+
+def _timing_line(c: Completion) -> str:
+    t = c.timing
+    where = c.prompt_machine if c.prompt_machine == c.token_machine else \
+        f"{c.prompt_machine} -> {c.token_machine}"
+    reroutes = f", {c.num_reroutes} reroutes" if c.num_reroutes else ""
+    return (f"[{c.request_id}] {len(c.token_ids)} tokens ({c.num_prompt_tokens} prompt), "
+            f"{c.finish_reason}; ttft {t.ttft_s:.3f} s, tpot {t.tpot_s * 1e3:.1f} ms, "
+            f"max tbt {t.max_tbt_s * 1e3:.1f} ms, e2e {t.e2e_s:.3f} s, queue {t.queue_s:.3f} s; "
+            f"{where}{reroutes}")
+
+
+def _stream_answer(client: ClsClient, prompt: str, **sampling) -> Completion:
+    """Writes the text to stdout as it arrives; returns the completion."""
+    with client.generate_stream(prompt, **sampling) as stream:
+        for delta in stream:
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        done = stream.completion()
+    print()
+    return done
+
+
+def _cmd_generate(args: argparse.Namespace, client: ClsClient) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, chat=args.chat, timeout_s=args.timeout)
+    if args.json:
+        _print_json(asdict(client.generate(prompt, **sampling)))
+        return 0
+    if args.no_stream:
+        done = client.generate(prompt, **sampling)
+        print(done.text)
+    else:
+        done = _stream_answer(client, prompt, **sampling)
+    print(_timing_line(done), file=sys.stderr)
+    return 0
+
+
+def _add_generate(groups: argparse._SubParsersAction) -> None:
+    p = groups.add_parser(
+        "generate", parents=[_cluster_options()], help="generate through the cluster",
+        description="Send PROMPT to clsd and stream the text to stdout as it arrives; one line "
+                    "of timing follows on stderr. --json prints the whole completion instead.")
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt text ('-' reads stdin)")
+    p.add_argument("--max-tokens", type=int, default=0, metavar="N",
+                   help="output tokens (default 0: the server's default)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off (default)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
+    p.add_argument("--no-stream", action="store_true", help="print the text once it is complete")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="deadline of the request in seconds (default: none)")
+    p.set_defaults(func=_with_client(_cmd_generate))
+
+
+# --- local ----------------------------------------------------------------------------------
+
+
+def _print_local_help(cluster, question_example: str) -> None:
+    addr, token = cluster.address, cluster.token_file
+    shell_q, py_q = shlex.quote(question_example), json.dumps(question_example)
+    print(f"cluster up: clsd at {addr} (metrics port {cluster.metrics_port}), "
+          f"{len(cluster.registered)} machines, logs in {cluster.config.run_dir}/")
+    print(_machines_table(cluster.registered))
+    print(f"""
+Talk to it:
+  clsctl generate --chat --address {addr} {shell_q}
+  clsctl pools list --address {addr} --token-file {token}
+  clsctl machines list --address {addr} --token-file {token}
+From Python:
+  from cls.client import ClsClient
+  client = ClsClient("{addr}", admin_token_file="{token}")
+  print(client.generate({py_q}, chat=True).text)
+""")
+
+
+def _cmd_local_up(args: argparse.Namespace) -> int:
+    from cls.local import LocalCluster, LocalClusterError, LocalConfig
+
+    stop = threading.Event()
+    interruptible = [True]  # starting or asking: a signal interrupts; waiting: it only wakes us
+
+    def on_signal(signum, frame):
+        stop.set()
+        if interruptible[0]:
+            interruptible[0] = False
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    cluster = None
+    try:
+        cfg = LocalConfig.load(args.config)
+        clsd_sets = list(args.clsd_set) + ([f"grpc_port={args.port}"] if args.port is not None else [])
+        cluster = LocalCluster(cfg, clsd_overrides=clsd_sets, machine_overrides=args.machine_set)
+        print(f"starting clsd and {len(cfg.machines)} machines; logs in {cfg.run_dir}/",
+              file=sys.stderr, flush=True)
+        cluster.start()
+        _print_local_help(cluster, args.ask or "What is the capital of France?")
+        if args.ask:
+            print(f"> {args.ask}")
+            with cluster.client() as client:
+                done = _stream_answer(client, args.ask, chat=True, max_tokens=args.max_tokens)
+            print(_timing_line(done), file=sys.stderr)
+        interruptible[0] = False
+        print("Ctrl-C stops the cluster.", flush=True)
+        stop.wait()
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except LocalClusterError as e:
+        return _error(str(e))
+    except ClsError as e:
+        return _error(str(e))
+    finally:
+        interruptible[0] = False
+        if cluster is not None:
+            print("stopping: machines drain first, then clsd", file=sys.stderr, flush=True)
+            for name, code in cluster.stop().items():
+                if code:
+                    print(f"warning: {name} exited with code {code}", file=sys.stderr)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _add_local(groups: argparse._SubParsersAction) -> None:
+    local = groups.add_parser("local", help="run a whole cluster on this host",
+                              description="Run clsd and its machines as child processes.")
+    cmds = local.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = cmds.add_parser(
+        "up", help="start clsd and the machines, wait for Ctrl-C, stop them",
+        description="Start clsd and every machine of the config (machines register with clsd), "
+                    "print how to talk to the cluster, optionally answer one question, then "
+                    "wait for Ctrl-C or SIGTERM and stop the machines (they drain) and clsd.")
+    p.add_argument("--config", default=DEFAULT_LOCAL_CONFIG, metavar="PATH",
+                   help=f"local cluster config (default: {DEFAULT_LOCAL_CONFIG})")
+    p.add_argument("--ask", default=None, metavar="QUESTION",
+                   help="stream the cluster's answer to QUESTION once it is up")
+    p.add_argument("--max-tokens", type=int, default=0, metavar="N",
+                   help="output tokens for --ask (default: the server's default)")
+    p.add_argument("--port", type=int, default=None,
+                   help="clsd gRPC port (0: any free port; default: from the clsd config)")
+    p.add_argument("--clsd-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a clsd config key (repeatable)")
+    p.add_argument("--machine-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key in every machine's config (repeatable)")
+    p.set_defaults(func=_cmd_local_up)
+
+
 # --- parser and entry point -----------------------------------------------------------------
 
 
@@ -95,12 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
     _add_models(groups)
     _add_chat(groups)
+    _add_generate(groups)
+    _add_pools(groups)
+    _add_machines(groups)
+    _add_local(groups)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
