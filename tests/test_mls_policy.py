@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mls.policy import Job, MixedScheduler, PromptScheduler, QueueFull, TokenScheduler
+from mls.policy import BlockBudget, Job, MixedPlan, MixedScheduler, PromptScheduler, QueueFull, TokenScheduler
 
 
 def job(i: int, prompt_len: int, max_tokens: int = 8) -> Job:
@@ -106,3 +106,71 @@ def test_mixed_runs_prompts_first_then_decodes_within_memory():
     assert plan.prefill == [] and plan.decode == ["r0", "r1"]  # memory full: decode
     sched.release("r0")
     assert [j.request_id for j in sched.schedule().prefill] == ["r2"]
+
+
+def test_block_budget_take_and_give_refuse_misuse():
+    budget = BlockBudget(10)
+    budget.take(7)
+    assert (budget.used, budget.free) == (7, 3)
+    with pytest.raises(ValueError, match="cannot take 4 KV blocks; 3 of 10 are free"):
+        budget.take(4)
+    with pytest.raises(ValueError, match="cannot give back 8"):
+        budget.give(8)
+    with pytest.raises(ValueError):
+        budget.take(-1)
+    budget.give(7)
+    assert (budget.used, budget.free) == (0, 10)
+    with pytest.raises(ValueError, match="disagrees with the shared budget"):
+        TokenScheduler(num_blocks=11, block_size=16, budget=budget)
+
+
+def test_token_and_mixed_work_share_one_budget():
+    budget = BlockBudget(10)
+    token = TokenScheduler(num_blocks=10, block_size=16, budget=budget)
+    mixed = MixedScheduler(num_blocks=10, block_size=16, budget=budget)
+    token.add(job(0, prompt_len=40, max_tokens=24))  # 4 blocks
+    assert [j.request_id for j in token.schedule().admitted] == ["r0"]
+    mixed.add(job(1, prompt_len=80, max_tokens=16))  # 6 blocks: the rest
+    mixed.add(job(2, prompt_len=8, max_tokens=8))  # 1 block: waits until someone leaves
+    assert [j.request_id for j in mixed.schedule().prefill] == ["r1"]
+    token.add(job(3, prompt_len=8, max_tokens=8))
+    assert budget.free == 0 and not token.can_admit() and not mixed.can_start()
+    assert token.schedule().admitted == [] and mixed.schedule() == MixedPlan(prefill=[], decode=["r1"])
+    assert (token.used_blocks, mixed.used_blocks) == (4, 6)
+    token.release("r0")  # the token request's blocks go to whichever policy asks next
+    assert budget.free == 4 and [j.request_id for j in mixed.schedule().prefill] == ["r2"]
+    assert [j.request_id for j in token.schedule().admitted] == ["r3"]
+    for rid in ("r1", "r2"):
+        mixed.release(rid)
+    token.release("r3")
+    assert budget.used == 0 and token.used_blocks == mixed.used_blocks == 0
+
+
+def test_token_and_mixed_on_one_budget_never_exceed_it():
+    rng = random.Random(7)
+    budget = BlockBudget(64)
+    token = TokenScheduler(num_blocks=64, block_size=16, budget=budget)
+    mixed = MixedScheduler(num_blocks=64, block_size=16, prompt_token_cap=512, budget=budget)
+    finished = 0
+    for i in range(400):
+        policy = rng.choice([token, mixed])
+        policy.add(job(i, prompt_len=rng.randint(1, 300), max_tokens=rng.randint(1, 200)))
+        for rid in list(token.receiving):
+            token.kv_ready(rid)
+        token.schedule()
+        mixed.schedule()
+        assert token.used_blocks + mixed.used_blocks == budget.used <= budget.num_blocks
+        for p, running in ((token, token.ready), (mixed, mixed.running)):
+            for rid in [r for r in running if rng.random() < 0.3]:
+                p.release(rid)
+                finished += 1
+    while token.reserved or len(token.queue) or mixed.running or len(mixed.queue):
+        for rid in list(token.receiving):
+            token.kv_ready(rid)
+        for rid in [*token.ready, *mixed.running]:
+            (token if rid in token.ready else mixed).release(rid)
+            finished += 1
+        token.schedule()
+        mixed.schedule()
+        assert budget.used <= budget.num_blocks
+    assert finished == 400 and budget.used == 0

@@ -4,10 +4,10 @@ The daemons (`mlsd`) and the cluster simulator drive the very same objects: stat
 a plan dataclass comes out, results go back in.
 """
 
-from mls.policy.common import Job, QueueFull, blocks_for_tokens
+from mls.policy.common import BlockBudget, Job, QueueFull, blocks_for_tokens
 from mls.policy.mixed import MixedPlan, MixedScheduler
 from mls.policy.prompt import PromptBatch, PromptScheduler
 from mls.policy.token import TokenPlan, TokenScheduler
 
-__all__ = ["Job", "QueueFull", "blocks_for_tokens", "PromptBatch", "PromptScheduler", "TokenPlan",
-           "TokenScheduler", "MixedPlan", "MixedScheduler"]
+__all__ = ["BlockBudget", "Job", "QueueFull", "blocks_for_tokens", "PromptBatch", "PromptScheduler",
+           "TokenPlan", "TokenScheduler", "MixedPlan", "MixedScheduler"]

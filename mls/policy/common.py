@@ -1,4 +1,5 @@
-"""What every machine-level policy shares: the job record, bounded queues, block arithmetic."""
+"""What every machine-level policy shares: the job record, bounded queues, block arithmetic and
+the machine's one pool of KV blocks."""
 
 from __future__ import annotations
 
@@ -26,6 +27,47 @@ class Job:
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
+
+
+class BlockBudget:
+    """A machine's KV blocks as the policies that hold them across steps see them.
+
+    A machine takes token work (KV received, then decoded) and mixed work (prefilled and decoded
+    here) at the same time, from one KV pool: both policies take their reservations from the
+    same budget, so together they never promise more blocks than the machine has. Misuse (taking
+    more than is free, giving back more than was taken) raises: a caller bug, never a sentinel.
+    """
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must not be negative, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.used = 0
+
+    @property
+    def free(self) -> int:
+        return self.num_blocks - self.used
+
+    def take(self, num_blocks: int) -> None:
+        if num_blocks < 0 or num_blocks > self.free:
+            raise ValueError(f"cannot take {num_blocks} KV blocks; {self.free} of {self.num_blocks} "
+                             f"are free")
+        self.used += num_blocks
+
+    def give(self, num_blocks: int) -> None:
+        if num_blocks < 0 or num_blocks > self.used:
+            raise ValueError(f"cannot give back {num_blocks} KV blocks; {self.used} are taken")
+        self.used -= num_blocks
+
+
+def budget_for(num_blocks: int, budget: BlockBudget | None) -> BlockBudget:
+    """A policy's budget: the shared one (which must agree on the machine's size) or its own."""
+    if budget is None:
+        return BlockBudget(num_blocks)
+    if budget.num_blocks != num_blocks:
+        raise ValueError(f"num_blocks {num_blocks} disagrees with the shared budget's "
+                         f"{budget.num_blocks}")
+    return budget
 
 
 class FifoQueue:

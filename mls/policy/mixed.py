@@ -6,13 +6,15 @@ This is colocated continuous batching (the baseline the phase split is measured 
    stays reserved while the request decodes), the step prefills them; otherwise every running
    request decodes one token.
 3. `release` returns a finished request's blocks.
+Memory comes from a `BlockBudget`, which the machine may share with its TokenScheduler (one KV
+pool per machine); without one the scheduler has a budget of its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mls.policy.common import FifoQueue, Job, blocks_for_tokens
+from mls.policy.common import BlockBudget, FifoQueue, Job, blocks_for_tokens, budget_for
 
 
 @dataclass(frozen=True)
@@ -23,17 +25,25 @@ class MixedPlan:
 
 class MixedScheduler:
     def __init__(self, num_blocks: int, block_size: int, prompt_token_cap: int = 2048,
-                 max_batch_size: int = 256, max_queue_len: int = 4096):
-        self.num_blocks, self.block_size = num_blocks, block_size
+                 max_batch_size: int = 256, max_queue_len: int = 4096,
+                 budget: BlockBudget | None = None):
+        self.budget = budget_for(num_blocks, budget)
+        self.block_size = block_size
         self.prompt_token_cap, self.max_batch_size = prompt_token_cap, max_batch_size
         self.queue = FifoQueue(max_queue_len, "mixed")
         self.running: dict[str, Job] = {}
         self.reserved: dict[str, int] = {}
         self.used_blocks = 0
+        """Blocks this policy holds (the budget's `used` also counts other policies')."""
+
+    @property
+    def num_blocks(self) -> int:
+        return self.budget.num_blocks
 
     @property
     def free_blocks(self) -> int:
-        return self.num_blocks - self.used_blocks
+        """Free in the machine's budget: what the next prefill may take."""
+        return self.budget.free
 
     @property
     def pending_prompt_tokens(self) -> int:
@@ -52,16 +62,22 @@ class MixedScheduler:
                              f" this machine has {self.num_blocks}")
         self.queue.push(job)
 
+    def can_start(self) -> bool:
+        """Whether `schedule` would prefill the head of the queue now."""
+        head = self.queue.peek()
+        return (head is not None and self.blocks_needed(head) <= self.free_blocks
+                and len(self.running) < self.max_batch_size)
+
     def schedule(self) -> MixedPlan:
         prefill: list[Job] = []
         num_tokens = 0
-        while (head := self.queue.peek()) is not None:
+        while self.can_start():
+            head = self.queue.peek()
             if prefill and num_tokens + head.prompt_len > self.prompt_token_cap:
                 break
-            need = self.blocks_needed(head)
-            if need > self.free_blocks or len(self.running) >= self.max_batch_size:
-                break
             job = self.queue.pop()
+            need = self.blocks_needed(job)
+            self.budget.take(need)
             self.reserved[job.request_id] = need
             self.used_blocks += need
             self.running[job.request_id] = job
@@ -77,4 +93,6 @@ class MixedScheduler:
     def release(self, request_id: str) -> None:
         self.queue.remove(request_id)
         self.running.pop(request_id, None)
-        self.used_blocks -= self.reserved.pop(request_id, 0)
+        blocks = self.reserved.pop(request_id, 0)
+        self.budget.give(blocks)
+        self.used_blocks -= blocks

@@ -41,6 +41,12 @@ class PromptScheduler:
             self.pending_tokens -= job.prompt_len
         return job
 
+    def can_start(self, free_blocks: int | None = None, block_size: int = 1) -> bool:
+        """Whether `schedule` with the same arguments would return a batch."""
+        head = self.queue.peek()
+        return head is not None and (free_blocks is None
+                                     or blocks_for_tokens(head.prompt_len, block_size) <= free_blocks)
+
     def schedule(self, free_blocks: int | None = None, block_size: int = 1) -> PromptBatch | None:
         """The next batch, or None if the queue is empty or the head prompt does not fit the
         free KV memory (`free_blocks` of `block_size` tokens; None = no memory limit)."""

@@ -7,13 +7,15 @@ Life cycle of a request here:
    run out of memory. When memory is short, requests wait; none is dropped.
 3. `kv_ready`: its KV has arrived; it joins the decode batch at the next step.
 4. `release`: finished, aborted or failed; its blocks return and the queue moves.
+Memory comes from a `BlockBudget`, which the machine may share with its MixedScheduler (one KV
+pool per machine); without one the scheduler has a budget of its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mls.policy.common import FifoQueue, Job, blocks_for_tokens
+from mls.policy.common import BlockBudget, FifoQueue, Job, blocks_for_tokens, budget_for
 
 
 @dataclass(frozen=True)
@@ -26,17 +28,24 @@ class TokenPlan:
 
 class TokenScheduler:
     def __init__(self, num_blocks: int, block_size: int, max_batch_size: int = 256,
-                 max_queue_len: int = 4096):
-        self.num_blocks, self.block_size, self.max_batch_size = num_blocks, block_size, max_batch_size
+                 max_queue_len: int = 4096, budget: BlockBudget | None = None):
+        self.budget = budget_for(num_blocks, budget)
+        self.block_size, self.max_batch_size = block_size, max_batch_size
         self.queue = FifoQueue(max_queue_len, "token")
         self.reserved: dict[str, int] = {}  # request id -> blocks, for admitted requests
         self.ready: dict[str, Job] = {}  # admitted and KV arrived: the decode batch
         self.receiving: dict[str, Job] = {}  # admitted, KV not yet complete
         self.used_blocks = 0
+        """Blocks this policy holds (the budget's `used` also counts other policies')."""
+
+    @property
+    def num_blocks(self) -> int:
+        return self.budget.num_blocks
 
     @property
     def free_blocks(self) -> int:
-        return self.num_blocks - self.used_blocks
+        """Free in the machine's budget: what the next admission may take."""
+        return self.budget.free
 
     @property
     def pending_tokens(self) -> int:
@@ -59,14 +68,18 @@ class TokenScheduler:
             raise ValueError(f"request {job.request_id!r} is already admitted")
         self.queue.push(job)
 
+    def can_admit(self) -> bool:
+        """Whether `schedule` would admit the head of the queue now."""
+        head = self.queue.peek()
+        return (head is not None and self.blocks_needed(head) <= self.free_blocks
+                and len(self.reserved) < self.max_batch_size)
+
     def schedule(self) -> TokenPlan:
         admitted = []
-        while (head := self.queue.peek()) is not None:
-            admitted_total = len(self.reserved)
-            need = self.blocks_needed(head)
-            if need > self.free_blocks or admitted_total >= self.max_batch_size:
-                break  # strict FCFS: the head waits for memory and so does everyone behind it
+        while self.can_admit():  # strict FCFS: a head that does not fit holds up everyone behind it
             job = self.queue.pop()
+            need = self.blocks_needed(job)
+            self.budget.take(need)
             self.reserved[job.request_id] = need
             self.used_blocks += need
             self.receiving[job.request_id] = job
@@ -85,4 +98,7 @@ class TokenScheduler:
         self.queue.remove(request_id)
         self.receiving.pop(request_id, None)
         self.ready.pop(request_id, None)
-        self.used_blocks -= self.reserved.pop(request_id, 0)
+        blocks = self.reserved.pop(request_id, 0)
+        self.budget.give(blocks)
+        self.used_blocks -= blocks
+
