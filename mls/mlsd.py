@@ -1,8 +1,10 @@
 """mlsd: the machine-level scheduler daemon.
 
-1. `main()` loads the YAML config, builds the engine (loads the model), the KV transport for the
-   role, the worker thread and the gRPC server (MachineService + health), starts the metrics
-   endpoint, prints one READY line (JSON with the bound ports) and tells systemd READY=1.
+1. `main()` loads the YAML config, builds the engine (loads the model), both ends of the KV
+   transport (any machine may prefill for another or decode for another: the configured role is
+   only its home pool), the worker thread and the gRPC server (MachineService + health), starts
+   the metrics endpoint, prints one READY line (JSON with the bound ports) and tells systemd
+   READY=1.
 2. While serving, a watchdog task sends WATCHDOG=1 as long as the worker thread is alive.
 3. SIGTERM/SIGINT only set an event. Drain: health NOT_SERVING, STOPPING=1, no new work,
    in-flight requests finish (up to drain_timeout_s), then the server stops and the process
@@ -26,7 +28,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from mls import sdnotify
 from mls.config import ConfigError, MlsConfig
-from mls.kv.factory import make_receiver, make_sender
+from mls.kv.factory import make_endpoints
 from mls.metrics import MlsMetrics
 from mls.service import MachineService
 from mls.worker import EngineWorker
@@ -49,9 +51,8 @@ async def serve(cfg: MlsConfig) -> int:
     t0 = time.monotonic()
     engine = build_engine(cfg)
     kt = cfg.kv_transfer
-    receiver = make_receiver(kt.transport, host=kt.host, port=kt.port) if cfg.role == "token" else None
-    sender = make_sender(kt.transport) if cfg.role == "prompt" else None
-    kv_address = receiver.address() if receiver else b""
+    receiver, sender = make_endpoints(kt.transport, host=kt.host, port=kt.port)
+    kv_address = receiver.address()
     metrics = MlsMetrics(cfg.machine_id, cfg.role)
     metrics_port = None
     if cfg.metrics_port is not None:
@@ -105,9 +106,8 @@ async def serve(cfg: MlsConfig) -> int:
     service.close_streams()
     await server.stop(grace=2.0)
     worker.stop()
-    for t in (receiver, sender):
-        if t is not None:
-            t.close()
+    receiver.close()
+    sender.close()
     log.info("stopped")
     return 0
 

@@ -19,10 +19,6 @@ class BadRequest(MlsError):
     """INVALID_ARGUMENT: the message names the field."""
 
 
-class WrongState(MlsError):
-    """FAILED_PRECONDITION: e.g. a Prefill sent to a token machine."""
-
-
 class Overloaded(MlsError):
     """RESOURCE_EXHAUSTED: a bounded queue is full, or the request exceeds the KV memory."""
 

@@ -17,16 +17,16 @@ import grpc
 from engine.engine import Engine
 from engine.sequence import SamplingParams
 from mls.config import MlsConfig
-from mls.requests import Aborted, BadRequest, Draining, Failed, MlsError, Overloaded, WrongState
+from mls.requests import Aborted, BadRequest, Draining, Failed, MlsError, Overloaded
 from mls.worker import EngineWorker
 from proto import mlsd_pb2 as pb
 from proto import mlsd_pb2_grpc
 
 log = logging.getLogger("mlsd.service")
 
-STATUS = {BadRequest: grpc.StatusCode.INVALID_ARGUMENT, WrongState: grpc.StatusCode.FAILED_PRECONDITION,
-          Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED, Draining: grpc.StatusCode.UNAVAILABLE,
-          Aborted: grpc.StatusCode.CANCELLED, Failed: grpc.StatusCode.INTERNAL}
+STATUS = {BadRequest: grpc.StatusCode.INVALID_ARGUMENT, Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          Draining: grpc.StatusCode.UNAVAILABLE, Aborted: grpc.StatusCode.CANCELLED,
+          Failed: grpc.StatusCode.INTERNAL}
 ROLES = {"prompt": pb.PROMPT, "token": pb.TOKEN, "mixed": pb.MIXED}
 EVENT_KINDS = {"RESERVED": pb.RequestEvent.RESERVED, "FINISHED": pb.RequestEvent.FINISHED,
                "FAILED": pb.RequestEvent.FAILED, "ABORTED": pb.RequestEvent.ABORTED}

@@ -1,17 +1,23 @@
 """The engine worker: one thread owns the engine and loops schedule -> engine step -> update.
 
-Life cycle of a request through the worker:
+Every machine takes every kind of work: its configured role is only its home pool, and the
+cluster scheduler may lend it to another pool at run time. Life cycle of a request through it:
 1. The gRPC service submits a command (`add_prefill`, `add_decode`, `add_generate`, `abort`);
    it runs on the worker thread at the top of the next loop turn and resolves a
    concurrent.futures.Future the service awaits. The engine is only ever touched here.
-2. Prompt role: the PromptScheduler forms FCFS batches under the token cap; the prefill exports
-   each layer to the KV sender while later layers compute (layerwise) or after it (serialized);
-   the first token resolves the Prefill future, and the machine's blocks are freed at once.
-3. Token role: the TokenScheduler reserves blocks FCFS (RESERVED event), the KV receiver fills
-   them, and a request whose transfer is DONE joins the decode batch; a FAILED transfer (peer
-   dead or hung past the deadline) frees the blocks and ends the request with FAILED.
-4. Mixed role: the MixedScheduler runs prompts first, then decodes, all locally.
-5. Each turn ends by publishing the turn's tokens and events as one message (`emit`).
+2. Prefill (prompt work): the PromptScheduler forms FCFS batches under the token cap; the prefill
+   exports each layer to the KV sender while later layers compute (layerwise) or after it
+   (serialized); the first token resolves the Prefill future, and the blocks are freed at once.
+3. AddDecode (token work): the TokenScheduler reserves blocks FCFS (RESERVED event), the KV
+   receiver fills them, and a request whose transfer is DONE joins the decode batch; a FAILED
+   transfer (peer dead or hung past the deadline) frees the blocks and ends the request FAILED.
+4. Generate (colocated work): the MixedScheduler prefills it locally, prompts first, then it
+   decodes here.
+5. One turn (`_run`) serves all three: admit decodes, one prompt batch, the mixed plan's
+   prefill, then ONE decode call for every request that is decoding, token and mixed alike.
+   Token and mixed reservations share one BlockBudget (one KV pool per machine); a prompt batch
+   uses the engine's actual free blocks, since its blocks are freed in the same turn.
+6. Each turn ends by publishing the turn's tokens and events as one message (`emit`).
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ from mls.config import MlsConfig
 from mls.kv.base import KVReceiver, KVSender, TransferState
 from mls.kv.sink import EngineSink, kv_spec_for
 from mls.metrics import MlsMetrics
-from mls.policy import Job, MixedScheduler, PromptScheduler, QueueFull, TokenScheduler
-from mls.requests import Aborted, BadRequest, Failed, MlsRequest, Overloaded, PrefillResult, WrongState
+from mls.policy import BlockBudget, Job, MixedScheduler, PromptScheduler, QueueFull, TokenScheduler
+from mls.requests import Aborted, BadRequest, Failed, MlsRequest, Overloaded, PrefillResult
 
 log = logging.getLogger("mlsd.worker")
 
@@ -42,16 +48,18 @@ EmitFn = Callable[[list[tuple], list[tuple]], None]
 
 class EngineWorker:
     def __init__(self, engine: Engine, cfg: MlsConfig, emit: EmitFn, metrics: MlsMetrics,
-                 receiver: KVReceiver | None = None, sender: KVSender | None = None):
-        self.engine, self.cfg, self.role = engine, cfg, cfg.role
+                 receiver: KVReceiver, sender: KVSender):
+        self.engine, self.cfg = engine, cfg
         self._emit, self.metrics = emit, metrics
         self.receiver, self.sender = receiver, sender
         bs, n = engine.kv.block_size, engine.num_blocks
         sc = cfg.scheduler
+        budget = BlockBudget(n)  # one KV pool: token and mixed reservations never double-count
         self.prompt_policy = PromptScheduler(sc.prompt_token_cap, sc.max_queue_len)
-        self.token_policy = TokenScheduler(n, bs, engine.config.max_num_seqs, sc.max_queue_len)
+        self.token_policy = TokenScheduler(n, bs, engine.config.max_num_seqs, sc.max_queue_len,
+                                           budget=budget)
         self.mixed_policy = MixedScheduler(n, bs, sc.prompt_token_cap, engine.config.max_num_seqs,
-                                           sc.max_queue_len)
+                                           sc.max_queue_len, budget=budget)
         self.requests: dict[str, MlsRequest] = {}
         self._receiving: dict[str, MlsRequest] = {}
         self._sending: dict[str, MlsRequest] = {}
@@ -113,61 +121,49 @@ class EngineWorker:
     # -- the loop (worker thread) -------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not (self._cmds or self._stop or self._runnable()):
-                    # Transfers in flight are polled; otherwise sleep until a command arrives.
-                    busy = self._receiving or self._sending
-                    self._cv.wait(0.002 if busy else 1.0)
-                    if busy:
-                        break
-                    self.last_turn_s = time.monotonic()
-                cmds, self._cmds = self._cmds, []
-                stop = self._stop
-            if stop:
-                return
+        """The hot loop: one turn serves every kind of work the machine holds."""
+        while (cmds := self._wait_for_work()) is not None:
             for cmd in cmds:
                 cmd()
             try:
-                self._poll_transfers()
-                self._step()
+                self._poll_transfers()  # KV arrived (joins the decode batch) or failed; sends done
+                self._admit_decodes()  # token work: reserve blocks FCFS; the KV may start to arrive
+                self._prompt_step()  # prompt work: one batch; its KV leaves, its blocks come back
+                plan = self.mixed_policy.schedule()  # colocated work: prompts first
+                if plan.prefill:
+                    self._local_prefill([self.requests[j.request_id] for j in plan.prefill])
+                decoding = [*self.token_policy.ready, *plan.decode]  # ONE decode call for all
+                self._decode_step([self.requests[i] for i in decoding])
             except Exception:  # a bug must not kill the machine silently
                 log.exception("engine step failed; failing the requests of this step")
                 self._fail_all_running("internal error in the engine step")
             self._publish()
             self.last_turn_s = time.monotonic()
 
-    def _runnable(self) -> bool:
-        if self.role == "prompt":
-            return len(self.prompt_policy.queue) > 0
-        if self.role == "token":  # queued requests are admitted in the turn that frees memory
-            return bool(self.token_policy.ready)
-        return bool(self.mixed_policy.running) or len(self.mixed_policy.queue) > 0
+    def _wait_for_work(self) -> list[Callable[[], None]] | None:
+        """The commands to run this turn, once there is something to do; None to stop."""
+        with self._cv:
+            while not (self._cmds or self._stop or self._runnable()):
+                # Transfers in flight are polled; otherwise sleep until a command arrives.
+                busy = self._receiving or self._sending
+                self._cv.wait(0.002 if busy else 1.0)
+                if busy:
+                    break
+                self.last_turn_s = time.monotonic()
+            cmds, self._cmds = self._cmds, []
+            return None if self._stop else cmds
 
-    def _step(self) -> None:
-        if self.role == "prompt":
-            self._prompt_step()
-        elif self.role == "token":
-            self._admit_decodes()
-            self._decode_step([self.requests[i] for i in self.token_policy.ready])
-        else:
-            plan = self.mixed_policy.schedule()
-            if plan.prefill:
-                reqs = [self.requests[j.request_id] for j in plan.prefill]
-                for r in reqs:
-                    self.engine.reserve(r.seq)
-                self._run_prefill(reqs, hook=None)
-                self._after_tokens(reqs, [0] * len(reqs))
-            else:
-                self._decode_step([self.requests[i] for i in plan.decode])
+    def _runnable(self) -> bool:
+        """Whether a turn would do engine work now. Work waiting for memory waits for the turn or
+        the command that frees it, rather than spinning."""
+        tp, mp = self.token_policy, self.mixed_policy
+        return (bool(tp.ready) or bool(mp.running) or tp.can_admit() or mp.can_start()
+                or self.prompt_policy.can_start(self.engine.num_free_blocks, self.engine.kv.block_size))
 
     # -- adding and aborting ------------------------------------------------------------------
 
     def _add(self, kind, request_id, prompt, params: SamplingParams, result, kv_address,
              timeout_s) -> None:
-        if kind == "prefill" and self.role != "prompt" or kind == "decode" and self.role != "token" \
-                or kind == "generate" and self.role != "mixed":
-            raise WrongState(f"a {self.role} machine does not take {kind} work")
         if request_id in self.requests or request_id in self._sending:
             raise BadRequest(f"duplicate request id {request_id!r}")
         try:
@@ -219,7 +215,7 @@ class EngineWorker:
             self.receiver.cancel(rid)
         self.engine.abort(req.seq)
 
-    # -- prompt role --------------------------------------------------------------------------
+    # -- prompt work (Prefill) ----------------------------------------------------------------
 
     def _prompt_step(self) -> None:
         batch = self.prompt_policy.schedule(self.engine.num_free_blocks, self.engine.kv.block_size)
@@ -262,7 +258,22 @@ class EngineWorker:
         self.metrics.batch_tokens.labels("prefill").observe(sum(r.seq.prompt_len for r in reqs))
         return tokens
 
-    # -- token role ---------------------------------------------------------------------------
+    # -- colocated work (Generate) ------------------------------------------------------------
+
+    def _local_prefill(self, reqs: list[MlsRequest]) -> None:
+        ok = []
+        for r in reqs:
+            try:
+                self.engine.reserve(r.seq)
+            except KVCacheExhausted as e:  # the budget mirrors the pool: this is a bug
+                self._fail(r, f"KV reservation failed: {e}")
+                continue
+            ok.append(r)
+        if ok:
+            self._run_prefill(ok, hook=None)
+            self._after_tokens(ok, [0] * len(ok))
+
+    # -- token work (AddDecode) ---------------------------------------------------------------
 
     def _admit_decodes(self) -> None:
         plan = self.token_policy.schedule()
@@ -315,8 +326,8 @@ class EngineWorker:
 
     def _after_tokens(self, reqs: list[MlsRequest], indices: list[int], publish: bool = True) -> None:
         """Publishes each request's newest token (at `indices`) and retires finished ones."""
-        policy = self.token_policy if self.role == "token" else self.mixed_policy
         for i, r in enumerate(reqs):
+            policy = self.token_policy if r.kind == "decode" else self.mixed_policy
             if publish:
                 self._tokens.append((r.request_id, indices[i], r.seq.output_token_ids[indices[i]]))
             policy.token_generated(r.request_id)

@@ -4,6 +4,8 @@
 2. `Driver.generate`: AddDecode on the token machine, wait for RESERVED, Prefill on the prompt
    machine (naming the token machine's KV address), then collect the token machine's stream
    until FINISHED / FAILED / ABORTED. Tokens are placed by index, each index exactly once.
+   Any machine takes any work: the two addresses may name machines of either role.
+3. `Driver.generate_colocated`: Generate on the token-side machine, both phases there.
 """
 
 from __future__ import annotations
@@ -140,6 +142,32 @@ class Driver:
                 item = await q.get()
                 if item[0] == "event" and item[1] == kind:
                     return item[2]
+
+    async def generate_colocated(self, prompt: list[int], sampling: pb.SamplingParams,
+                                 request_id: str | None = None, timeout_s: float = 120.0) -> Result:
+        """Both phases on the token-side machine; its stream carries every token, index 0 too."""
+        rid = request_id or f"req-{next(self._ids)}"
+        q = self.watch(rid)
+        res = Result(rid)
+        start = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.token.Generate(pb.GenerateRequest(request=pb.RequestSpec(
+                    request_id=rid, prompt_token_ids=prompt, sampling=sampling)))
+                while not res.status:
+                    item = await q.get()
+                    if item[0] == "token":
+                        _, index, token = item
+                        assert index == len(res.tokens), (rid, index, len(res.tokens))
+                        res.tokens.append(token)
+                        res.ttft_s = res.ttft_s or time.monotonic() - start
+                    elif item[1] != "RESERVED":
+                        e = item[2]
+                        res.status, res.finish_reason, res.message = item[1], e.finish_reason, e.message
+        finally:
+            self._queues.pop(rid, None)
+        res.e2e_s = time.monotonic() - start
+        return res
 
     async def generate(self, prompt: list[int], sampling: pb.SamplingParams,
                        request_id: str | None = None, timeout_s: float = 120.0,

@@ -1,6 +1,7 @@
 """Builds a KV receiver or sender by transport name ("local", "tcp", "ucx").
 
-The ucx transport imports ucxx lazily, so the other two work on hosts without it.
+The ucx transport imports ucxx lazily, so the other two work on hosts without it. A machine
+builds both ends (`make_endpoints`): any machine may prefill for another or decode for another.
 """
 
 from __future__ import annotations
@@ -17,6 +18,18 @@ def make_receiver(transport: str, **opts) -> KVReceiver:
 
 def make_sender(transport: str, **opts) -> KVSender:
     return _classes(transport)[1](**opts)
+
+
+def make_endpoints(transport: str, host: str = "127.0.0.1",
+                   port: int = 0) -> tuple[KVReceiver, KVSender]:
+    """A machine's receiver (listening on host:port for the network transports) and sender."""
+    opts = {} if transport == "local" else {"host": host, "port": port}
+    receiver = make_receiver(transport, **opts)
+    try:
+        return receiver, make_sender(transport)
+    except BaseException:
+        receiver.close()
+        raise
 
 
 def _classes(transport: str) -> tuple[type[KVReceiver], type[KVSender]]:
