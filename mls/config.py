@@ -59,6 +59,10 @@ class MlsConfig:
     """0 picks a free port; null disables the metrics endpoint."""
     drain_timeout_s: float = 30.0
     watchdog_interval_s: float = 10.0
+    cls_address: str | None = None
+    """host:port of clsd's gRPC server, to register with and heartbeat to; null = standalone."""
+    advertise_address: str | None = None
+    """host:port that clsd dials for this machine; null = host and the bound grpc_port."""
     engine: EngineSection = field(default_factory=EngineSection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     kv_transfer: KVTransferSection = field(default_factory=KVTransferSection)
@@ -75,6 +79,11 @@ class MlsConfig:
                            ("drain_timeout_s", self.drain_timeout_s)):
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
+        for key, value in (("cls_address", self.cls_address),
+                           ("advertise_address", self.advertise_address)):
+            host, sep, port = (value or "").rpartition(":")
+            if value is not None and not (sep and host and port.isdigit()):
+                raise ConfigError(f"{key} must be host:port, got {value!r}")
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict | None = None) -> MlsConfig:

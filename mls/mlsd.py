@@ -5,10 +5,12 @@
    only its home pool), the worker thread and the gRPC server (MachineService + health), starts
    the metrics endpoint, prints one READY line (JSON with the bound ports) and tells systemd
    READY=1.
-2. While serving, a watchdog task sends WATCHDOG=1 as long as the worker thread is alive.
-3. SIGTERM/SIGINT only set an event. Drain: health NOT_SERVING, STOPPING=1, no new work,
-   in-flight requests finish (up to drain_timeout_s), then the server stops and the process
-   exits 0.
+2. While serving, a watchdog task sends WATCHDOG=1 as long as the worker thread is alive, and,
+   when `cls_address` is set, a registration task holds the machine's lease in clsd's registry
+   (mls/registration.py).
+3. SIGTERM/SIGINT only set an event. Drain: health NOT_SERVING, STOPPING=1, no new work (the
+   next heartbeat tells clsd), in-flight requests finish (up to drain_timeout_s), then the
+   registration stops, the server stops and the process exits 0.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from engine.config import EngineConfig
 from engine.engine import Engine
 from mls import sdnotify
-from mls.config import ConfigError, MlsConfig
+from mls.config import ConfigError, MlsConfig, parse_overrides
 from mls.kv.factory import make_endpoints
 from mls.metrics import MlsMetrics
+from mls.registration import Registration
 from mls.service import MachineService
 from mls.worker import EngineWorker
 from proto import mlsd_pb2_grpc
@@ -87,10 +90,20 @@ async def serve(cfg: MlsConfig) -> int:
              cfg.role, cfg.host, port, time.monotonic() - t0, engine.num_blocks, engine.kv.block_size)
     sdnotify.notify("READY=1")
     watchdog = asyncio.create_task(_watchdog(worker, cfg))
+    registration: Registration | None = None
+    registration_task: asyncio.Task | None = None
+    if cfg.cls_address is not None:
+        advertise = cfg.advertise_address or f"{cfg.host}:{port}"
+        if cfg.advertise_address is None and cfg.host in ("0.0.0.0", "::", ""):
+            log.warning("host %r is not an address clsd can dial: set advertise_address", cfg.host)
+        registration = Registration(cfg.cls_address, advertise, service.info, service.load_report)
+        registration_task = asyncio.create_task(registration.run())
 
     await stop.wait()
     log.info("draining: finishing %d in-flight requests", len(worker.requests))
     service.draining = True
+    if registration is not None:
+        registration.report_now()  # clsd stops routing here at once, not a heartbeat later
     for name in ("", SERVICE_NAME):
         await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.NOT_SERVING)
     sdnotify.notify("STOPPING=1")
@@ -103,6 +116,10 @@ async def serve(cfg: MlsConfig) -> int:
     await asyncio.wait_for(asyncio.wrap_future(worker.submit(lambda: None)), 5.0)
     await asyncio.sleep(0)
     watchdog.cancel()
+    if registration_task is not None:  # clsd has seen draining=true (or the RPC deadline passed)
+        await registration.reported()
+        registration_task.cancel()
+        await asyncio.gather(registration_task, return_exceptions=True)
     service.close_streams()
     await server.stop(grace=2.0)
     worker.stop()
@@ -136,15 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        import yaml
-
-        overrides = {}
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--set needs KEY=VALUE, got {item!r}")
-            overrides[key] = yaml.safe_load(value)
-        cfg = MlsConfig.load(args.config, overrides)
+        cfg = MlsConfig.load(args.config, parse_overrides(args.set))
     except (ConfigError, OSError) as e:
         print(f"mlsd: config error: {e}", file=sys.stderr)
         return 2

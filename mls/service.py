@@ -4,6 +4,8 @@
    values) and submitted to the worker; the worker's typed error becomes a status code with a
    message that names the problem. A client that goes away aborts its request.
 2. StreamEvents: every subscriber gets each worker turn's tokens and events as one message.
+3. GetInfo / GetLoad answer with `info()` / `load_report()`, the same messages the machine
+   registers and heartbeats with (mls/registration.py).
 """
 
 from __future__ import annotations
@@ -132,6 +134,8 @@ class MachineService(mlsd_pb2_grpc.MachineServiceServicer):
     async def StreamEvents(self, request, context):
         sub = _Subscriber()
         self._subscribers.add(sub)
+        # Headers now: the subscriber sees the call connected only once it is registered here.
+        await context.send_initial_metadata(())
         try:
             while not sub.closed:
                 if sub.overflowed and sub.queue.empty():
@@ -146,11 +150,14 @@ class MachineService(mlsd_pb2_grpc.MachineServiceServicer):
 
     # -- state --------------------------------------------------------------------------------
 
-    async def GetLoad(self, request, context) -> pb.LoadReport:
+    # The one place these two messages are built: GetLoad / GetInfo answer with them, and the
+    # registration with clsd sends them (mls/registration.py). `role` is the home role.
+
+    def load_report(self) -> pb.LoadReport:
         return pb.LoadReport(machine_id=self.cfg.machine_id, role=ROLES[self.cfg.role],
                              draining=self.draining, **self.worker.load())
 
-    async def GetInfo(self, request, context) -> pb.MachineInfo:
+    def info(self) -> pb.MachineInfo:
         e, mc = self.engine, self.engine.model_config
         return pb.MachineInfo(
             machine_id=self.cfg.machine_id, role=ROLES[self.cfg.role], model=self.cfg.engine.model,
@@ -158,3 +165,9 @@ class MachineService(mlsd_pb2_grpc.MachineServiceServicer):
             vocab_size=mc.vocab_size, kv_block_size=e.kv.block_size, kv_num_blocks=e.num_blocks,
             kv_transport=self.cfg.kv_transfer.transport, kv_address=self.kv_address,
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim)
+
+    async def GetLoad(self, request, context) -> pb.LoadReport:
+        return self.load_report()
+
+    async def GetInfo(self, request, context) -> pb.MachineInfo:
+        return self.info()
