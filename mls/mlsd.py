@@ -96,7 +96,8 @@ async def serve(cfg: MlsConfig) -> int:
         advertise = cfg.advertise_address or f"{cfg.host}:{port}"
         if cfg.advertise_address is None and cfg.host in ("0.0.0.0", "::", ""):
             log.warning("host %r is not an address clsd can dial: set advertise_address", cfg.host)
-        registration = Registration(cfg.cls_address, advertise, service.info, service.load_report)
+        registration = Registration(cfg.cls_address, advertise, service.info, service.load_report,
+                                    healthy=lambda: worker.alive)
         registration_task = asyncio.create_task(registration.run())
 
     await stop.wait()
@@ -139,7 +140,7 @@ async def _watchdog(worker: EngineWorker, cfg: MlsConfig) -> None:
     interval = sdnotify.watchdog_interval_s() or cfg.watchdog_interval_s
     while True:
         await asyncio.sleep(interval)
-        if worker._thread.is_alive():
+        if worker.alive:
             sdnotify.notify("WATCHDOG=1")
 
 

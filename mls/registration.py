@@ -34,8 +34,10 @@ MAX_RPC_TIMEOUT_S = 2.0
 
 class Registration:
     def __init__(self, cls_address: str, address: str, info: Callable[[], pb.MachineInfo],
-                 load_report: Callable[[], pb.LoadReport], retry_interval_s: float = 1.0):
+                 load_report: Callable[[], pb.LoadReport], retry_interval_s: float = 1.0,
+                 healthy: Callable[[], bool] = lambda: True):
         self.cls_address, self.address = cls_address, address
+        self._healthy = healthy
         self._info, self._load_report = info, load_report
         self.retry_interval_s = retry_interval_s
         self.lease_id: str | None = None
@@ -78,6 +80,11 @@ class Registration:
         stub = clsd_pb2_grpc.RegistryServiceStub(channel)
         try:
             while True:
+                if not self._healthy():  # a machine that cannot serve lets its lease expire
+                    self._set_state("unhealthy", "machine cannot serve; heartbeats to %s stop",
+                                    self.cls_address)
+                    await self._sleep(self.retry_interval_s)
+                    continue
                 try:
                     delay = await (self._heartbeat(stub) if self.lease_id else self._register(stub))
                 except asyncio.CancelledError:

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 
 from engine.engine import Engine
 from engine.kv_cache import KVCacheExhausted
@@ -83,6 +83,10 @@ class EngineWorker:
         self._thread.join(timeout_s)
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def idle(self) -> bool:
         return not self.requests and not self._sending
 
@@ -91,9 +95,9 @@ class EngineWorker:
 
         def run() -> None:
             try:
-                fut.set_result(fn(*args))
+                _resolve(fut, fn(*args))
             except Exception as e:  # noqa: BLE001 - every error goes back to the caller
-                fut.set_exception(e)
+                _resolve(fut, error=e)
 
         with self._cv:
             self._cmds.append(run)
@@ -188,8 +192,8 @@ class EngineWorker:
         self.metrics.requests.labels(kind).inc()
         if kind == "decode":
             self._admit_decodes()
-            if request_id not in self._receiving and result is not None and not result.done():
-                result.set_result(False)  # queued for memory; RESERVED follows on the stream
+            if request_id not in self._receiving and result is not None:
+                _resolve(result, False)  # queued for memory; RESERVED follows on the stream
 
     def _abort(self, request_id: str) -> bool:
         req = self.requests.pop(request_id, None) or self._sending.pop(request_id, None)
@@ -198,8 +202,8 @@ class EngineWorker:
         if req.handle is not None:
             req.handle.abort("aborted by the cluster scheduler")
         self._drop(req)
-        if req.future is not None and not req.future.done():
-            req.future.set_exception(Aborted(f"request {request_id!r} aborted"))
+        if req.future is not None:
+            _resolve(req.future, error=Aborted(f"request {request_id!r} aborted"))
         self._events.append((request_id, "ABORTED", "", "", len(req.seq.output_token_ids)))
         return True
 
@@ -245,7 +249,7 @@ class EngineWorker:
             r.handle.finish(tok)
             self.engine.free(r.seq)  # the KV now lives in the sender's queue and on the wire
             now = time.monotonic()
-            r.future.set_result(PrefillResult(tok, "layerwise" if r.layerwise else "serialized",
+            _resolve(r.future, PrefillResult(tok, "layerwise" if r.layerwise else "serialized",
                                               queue_s=r.prefill_start_s - r.arrival_s,
                                               prefill_s=now - r.prefill_start_s))
 
@@ -289,8 +293,8 @@ class EngineWorker:
             self._receiving[r.request_id] = r
             r.transfer_start_s = time.monotonic()
             self._events.append((r.request_id, "RESERVED", "", "", 0))
-            if r.future is not None and not r.future.done():
-                r.future.set_result(True)
+            if r.future is not None:
+                _resolve(r.future, True)
 
     def _poll_transfers(self) -> None:
         for rid, r in list(self._receiving.items()):
@@ -343,8 +347,8 @@ class EngineWorker:
         self.requests.pop(req.request_id, None)
         self._drop(req)
         req.seq.status, req.seq.error = SeqStatus.FINISHED_ERROR, message
-        if req.future is not None and not req.future.done():
-            req.future.set_exception(Failed(message))
+        if req.future is not None:
+            _resolve(req.future, error=Failed(message))
         self._events.append((req.request_id, "FAILED", "", message, len(req.seq.output_token_ids)))
         log.warning("request %s failed: %s", req.request_id, message)
 
@@ -373,10 +377,22 @@ class EngineWorker:
         )
 
 
+def _resolve(fut: Future, result=None, error: BaseException | None = None) -> None:
+    """Completes `fut` unless it is already done: a caller that went away (its gRPC call was
+    cancelled) cancels the future, and that must never kill the worker thread."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass
+
+
 def _chain(accepted: Future, result: Future) -> Future:
     """A future that fails if the command failed, else follows `result`."""
     def on_accepted(f: Future) -> None:
-        if f.exception() is not None and not result.done():
-            result.set_exception(f.exception())
+        if not f.cancelled() and f.exception() is not None:
+            _resolve(result, error=f.exception())
     accepted.add_done_callback(on_accepted)
     return result

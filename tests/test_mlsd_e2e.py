@@ -366,3 +366,30 @@ def test_malformed_kv_headers_are_refused_by_name_and_the_token_machine_keeps_se
     for field, error in errors.items():
         assert (field if field != "request_id" else "'nobody-expects-me' is not expected") in error
     assert ok.status == "FINISHED" and [load.kv_blocks_used for load in loads] == [0, 0]
+
+
+def test_callers_that_go_away_mid_prefill_leave_a_working_machine(pair):
+    """A Prefill whose caller's deadline passes is cancelled on the server side while the worker
+    still runs it; the worker must shrug that off (it once died of it) and free everything."""
+    prompt_m, token_m = pair
+    rng = random.Random(9)
+    prompts = [[rng.randrange(100, 40000) for _ in range(300)] for _ in range(8)]
+    sampling = pb.SamplingParams(max_tokens=4, ignore_eos=True)
+
+    async def run():
+        async with Driver(prompt_m.address, token_m.address) as d:
+            calls = [d.prompt.Prefill(pb.PrefillRequest(
+                request=pb.RequestSpec(request_id=f"gone-{i}", prompt_token_ids=p, sampling=sampling),
+                kv_address=d.token_info.kv_address), timeout=0.02) for i, p in enumerate(prompts)]
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            after = await d.generate(prompts[0], sampling)
+            async with asyncio.timeout(30):
+                while (loads := await _loads(d)) and (loads[0].kv_blocks_used or loads[0].prompt_queue_len):
+                    await asyncio.sleep(0.05)
+            return outcomes, after, loads
+
+    outcomes, after, loads = asyncio.run(run())
+    assert all(isinstance(o, grpc.aio.AioRpcError) and o.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+               for o in outcomes), outcomes
+    assert after.status == "FINISHED" and len(after.tokens) == 4, (after, prompt_m.log()[-3000:])
+    assert "Traceback" not in prompt_m.log()
