@@ -24,7 +24,7 @@ $(DEMO_MODEL)/config.json: | $(STAMP)
 demo-model: $(DEMO_MODEL)/config.json
 
 run: install demo-model
-	$(BIN)/clsctl chat --model $(DEMO_MODEL) "What is the capital of France?"
+	$(BIN)/clsctl local up --config configs/local.yaml --ask "What is the capital of France?"
 
 test: install demo-model
 	$(BIN)/python -m pytest -q tests

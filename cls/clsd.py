@@ -1,0 +1,128 @@
+"""clsd: the cluster-level scheduler daemon.
+
+1. `main()` loads the YAML config and the admin token file, loads the tokenizer (no torch on the
+   CLS host), binds the gRPC server (ClientService, AdminService, RegistryService, health), starts
+   the metrics endpoint, prints one READY line (JSON with the bound ports) and tells systemd
+   READY=1.
+2. Machines register and heartbeat (cls/registry.py); clients call Generate (cls/service.py),
+   and each request runs through the Dispatcher (cls/requests.py).
+3. While serving, a watchdog task sends WATCHDOG=1 as long as the event loop turns, and a
+   metrics task refreshes pool gauges once a second.
+4. SIGTERM/SIGINT only set an event. Drain: health NOT_SERVING, STOPPING=1, new requests get
+   UNAVAILABLE, in-flight requests finish (up to drain_timeout_s), then the server stops and the
+   process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from cls.config import ClsConfig
+from cls.metrics import ClsMetrics
+from cls.service import AdminService, ClientService, ClusterState, RegistryService
+from engine.tokenizer import Tokenizer
+from mls import sdnotify
+from mls.config import ConfigError, parse_overrides
+from proto import clsd_pb2_grpc
+
+log = logging.getLogger("clsd")
+SERVICE_NAMES = ("", "splitserve.cls.v1.ClientService")
+
+
+async def serve(cfg: ClsConfig) -> int:
+    t0 = time.monotonic()
+    metrics = ClsMetrics()
+    state = ClusterState(cfg, Tokenizer(cfg.model), metrics)
+    metrics_port = None
+    if cfg.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=metrics.registry)
+        metrics_port = httpd.server_port
+
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 2**20)])
+    clsd_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(state), server)
+    clsd_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(state), server)
+    clsd_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryService(state), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    await server.start()
+    state.registry.start()
+    for name in SERVICE_NAMES:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(json.dumps({"event": "READY", "grpc_port": port, "metrics_port": metrics_port}), flush=True)
+    log.info("serving on %s:%d after %.1f s", cfg.host, port, time.monotonic() - t0)
+    sdnotify.notify("READY=1")
+    tasks = [asyncio.create_task(_watchdog(cfg)), asyncio.create_task(_refresh_metrics(state))]
+
+    await stop.wait()
+    log.info("draining: finishing %d in-flight requests", len(state.inflight))
+    state.draining = True
+    for name in SERVICE_NAMES:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    sdnotify.notify("STOPPING=1")
+    deadline = time.monotonic() + cfg.drain_timeout_s
+    while state.inflight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if state.inflight:
+        log.warning("drain timed out with %d requests in flight", len(state.inflight))
+    for t in tasks:
+        t.cancel()
+    await server.stop(grace=2.0)
+    await state.registry.close()
+    log.info("stopped")
+    return 0
+
+
+async def _watchdog(cfg: ClsConfig) -> None:
+    interval = sdnotify.watchdog_interval_s() or cfg.watchdog_interval_s
+    while True:
+        await asyncio.sleep(interval)
+        sdnotify.notify("WATCHDOG=1")  # the loop turned: clsd is not wedged
+
+
+async def _refresh_metrics(state: ClusterState) -> None:
+    while True:
+        state.metrics.observe_pools(state.pools)
+        await asyncio.sleep(1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clsd", description="Cluster-level scheduler daemon.")
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/clsd.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
+                        help="override a key, e.g. --set grpc_port=0")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = ClsConfig.load(args.config, parse_overrides(args.set))
+        cfg.admin_token()  # a missing or empty token file fails now, not on the first admin call
+    except (ConfigError, OSError) as e:
+        print(f"clsd: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(cfg))
+    except FileNotFoundError as e:  # the tokenizer
+        print(f"clsd: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

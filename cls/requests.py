@@ -1,0 +1,278 @@
+"""One request's journey through the cluster, driven by clsd (routing, RPCs, re-routing).
+
+1. `Dispatcher.run(req)` is an async generator the client stream reads: it yields lists of new
+   tokens (each output index exactly once, in order) and returns when the request finishes.
+2. An attempt: the router picks (prompt, token) machines; clsd sends AddDecode to the token
+   machine, waits for RESERVED, then Prefill to the prompt machine naming the token machine's KV
+   address. The first token comes back in the Prefill reply, the rest on the token machine's
+   event stream (`on_events`). A colocated attempt is one Generate on one machine.
+3. Each attempt has its own machine-level id (`<request_id>#<n>`), so a late event of an old
+   attempt is never taken for the current one.
+4. A machine lost, a failed transfer or an unreachable machine ends the attempt; the next one
+   re-prefills prompt + tokens delivered so far on other machines (up to `max_reroutes`).
+5. However the run ends (finished, failed, cancelled by the client), the attempt's machines get an
+   Abort if they may still hold it, and the router's charges are credited back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from cls.pools import Pool, Pools
+from cls.registry import Registry
+from cls.router import NoMachine, Route, Router
+from proto import mlsd_pb2 as mpb
+
+log = logging.getLogger("clsd.requests")
+
+_RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
+                grpc.StatusCode.CANCELLED, grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.UNKNOWN}
+
+
+class RequestError(Exception):
+    """Ends a request with a gRPC status for the client."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, message: str, machines: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.machines = machines  # to avoid on the next attempt
+
+
+@dataclass
+class ClusterRequest:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: mpb.SamplingParams
+    stop_ids: frozenset[int]
+    arrival_s: float = field(default_factory=time.monotonic)
+    tokens: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
+    finish_reason: str = ""
+    num_reroutes: int = 0
+    prefill_start_s: float | None = None
+    route: Route | None = None
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sampling.max_tokens
+
+
+@dataclass
+class _Attempt:
+    attempt_id: str
+    req: ClusterRequest
+    offset: int  # output index of this attempt's first token
+    route: Route
+    prompt_len: int
+    prompt_credited: bool = False
+    produced: int = 0
+    ended: bool = False
+    ahead: dict[int, int] = field(default_factory=dict)
+
+
+class Dispatcher:
+    def __init__(self, pools: Pools, router: Router, registry: Registry, rpc_timeout_s: float,
+                 max_reroutes: int, metrics=None):
+        self.pools, self.router, self.registry = pools, router, registry
+        self.rpc_timeout_s, self.max_reroutes, self.metrics = rpc_timeout_s, max_reroutes, metrics
+        self.attempts: dict[str, _Attempt] = {}
+        self._background: set[asyncio.Task] = set()
+
+    # -- events from machines (called by the registry) ----------------------------------------
+
+    def on_events(self, machine_id: str, msg: mpb.MachineEvents) -> None:
+        for t in msg.tokens:
+            a = self.attempts.get(t.request_id)
+            if a is not None:
+                a.req.inbox.put_nowait(("token", a, t.index, t.token_id))
+        for e in msg.events:
+            a = self.attempts.get(e.request_id)
+            if a is not None:
+                a.req.inbox.put_nowait(("event", a, e))
+
+    def on_lost(self, machine_id: str, reason: str) -> None:
+        for a in list(self.attempts.values()):
+            if machine_id in (a.route.prompt_machine, a.route.token_machine):
+                a.req.inbox.put_nowait(("lost", a, machine_id, reason))
+
+    # -- the run --------------------------------------------------------------------------------
+
+    async def run(self, req: ClusterRequest):
+        """Yields lists of new token ids; raises RequestError when the request cannot finish."""
+        avoid: set[str] = set()
+        while True:
+            if self._finished_already(req):
+                return
+            try:
+                async for new in self._attempt(req, frozenset(avoid)):
+                    yield new
+                return
+            except _AttemptFailed as e:
+                if req.num_reroutes >= self.max_reroutes:
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                                       f"request failed after {req.num_reroutes} re-routes: {e}") from None
+                req.num_reroutes += 1
+                avoid.update(e.machines)
+                if self.metrics:
+                    self.metrics.reroutes.inc()
+                log.warning("request %s: %s; re-routing (%d)", req.request_id, e, req.num_reroutes)
+
+    def _finished_already(self, req: ClusterRequest) -> bool:
+        """After a lost attempt: the tokens delivered may already complete the request."""
+        if req.tokens and req.tokens[-1] in req.stop_ids:
+            req.finish_reason = "stop"
+        elif len(req.tokens) >= req.max_tokens:
+            req.finish_reason = "length"
+        return bool(req.finish_reason)
+
+    async def _attempt(self, req: ClusterRequest, avoid: frozenset[str]):
+        offset = len(req.tokens)
+        prompt = req.prompt_ids + req.tokens
+        remaining = req.max_tokens - offset
+        try:
+            route = self.router.route(len(prompt), remaining, exclude=avoid)
+        except NoMachine as e:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        req.route = route
+        if self.metrics:
+            self.metrics.routed.labels("colocated" if route.colocated else "split").inc()
+            for move in route.borrowed:
+                log.info("machine %s borrowed into the mixed pool", move.machine_id)
+        a = _Attempt(f"{req.request_id}#{req.num_reroutes}", req, offset, route, len(prompt))
+        self.attempts[a.attempt_id] = a
+        sampling = mpb.SamplingParams()
+        sampling.CopyFrom(req.sampling)
+        sampling.max_tokens = remaining
+        spec = mpb.RequestSpec(request_id=a.attempt_id, prompt_token_ids=prompt, sampling=sampling)
+        try:
+            pm, tm = self._link(route.prompt_machine), self._link(route.token_machine)
+            pm.requests.add(a.attempt_id)
+            tm.requests.add(a.attempt_id)
+            if route.colocated:
+                await self._call(tm, "Generate", mpb.GenerateRequest(request=spec))
+            else:
+                reply = await self._call(tm, "AddDecode", mpb.AddDecodeRequest(request=spec))
+                if not reply.reserved:
+                    async for new in self._until(a, "RESERVED"):
+                        yield new
+                req.prefill_start_s = req.prefill_start_s or time.monotonic()
+                pre = await self._call(pm, "Prefill", mpb.PrefillRequest(
+                    request=spec, kv_address=tm.info.kv_address))
+                self._credit_prompt(a)
+                new = self._deliver(a, 0, pre.first_token_id)
+                if new:
+                    yield new
+            async for new in self._until(a, "FINISHED"):
+                yield new
+        finally:
+            self._end(a)
+
+    async def _until(self, a: _Attempt, kind: str):
+        """Consumes the inbox, yielding delivered tokens, until an event of `kind` arrives."""
+        req = a.req
+        while True:
+            item = await req.inbox.get()
+            if item[1] is not a:
+                continue  # a late item of an earlier attempt
+            if item[0] == "token":
+                new = self._deliver(a, item[2], item[3])
+                if new:
+                    yield new
+            elif item[0] == "lost":
+                raise _AttemptFailed(item[3], (item[2],))
+            else:
+                e = item[2]
+                name = mpb.RequestEvent.Kind.Name(e.kind)
+                if name == kind == "RESERVED":
+                    return
+                if name == "FINISHED":
+                    req.finish_reason = e.finish_reason or "stop"
+                    return
+                if name in ("FAILED", "ABORTED"):
+                    raise _AttemptFailed(f"{name.lower()} on {a.route.token_machine}: {e.message}",
+                                         (a.route.token_machine,))
+
+    def _deliver(self, a: _Attempt, index: int, token_id: int) -> list[int]:
+        """Places a token by index; returns the tokens that became deliverable, in order."""
+        req = a.req
+        if index == 0 and a.route.colocated:
+            self._credit_prompt(a)
+        a.ahead[a.offset + index] = token_id
+        new = []
+        while (i := len(req.tokens)) in a.ahead:
+            req.tokens.append(a.ahead.pop(i))
+            req.token_times.append(time.monotonic())
+            new.append(req.tokens[-1])
+        if new:
+            a.produced += len(new)
+            self.pools.credit_decode(a.route.token_machine, len(new))
+        return new
+
+    # -- machines -------------------------------------------------------------------------------
+
+    def _link(self, machine_id: str):
+        link = self.registry.links.get(machine_id)
+        if link is None:
+            raise _AttemptFailed(f"machine {machine_id} left", (machine_id,))
+        return link
+
+    async def _call(self, link, method: str, request):
+        try:
+            return await getattr(link.stub, method)(request, timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            if e.code() in _RETRY_CODES:
+                raise _AttemptFailed(f"{method} on {link.machine_id}: {e.code().name} {e.details()}",
+                                     (link.machine_id,)) from None
+            raise RequestError(e.code(), f"{method} on {link.machine_id}: {e.details()}") from None
+
+    def _credit_prompt(self, a: _Attempt) -> None:
+        if not a.prompt_credited:
+            a.prompt_credited = True
+            self.pools.credit_prompt(a.route.prompt_machine, a.prompt_len)
+            self._return_idle(a.route.prompt_machine)
+
+    def _return_idle(self, machine_id: str) -> None:
+        m = self.pools.machines.get(machine_id)
+        if m is not None and m.role == Pool.MIXED:
+            for move in self.pools.return_idle(machine_id):
+                log.info("machine %s returns to the %s pool", machine_id, move.to_pool)
+
+    def _end(self, a: _Attempt) -> None:
+        """Credits the router and, unless finished, aborts the attempt where it may still live."""
+        self.attempts.pop(a.attempt_id, None)
+        r = a.route
+        self._credit_prompt(a)
+        remaining = a.req.max_tokens - a.offset - a.produced
+        self.pools.credit_decode(r.token_machine, max(0, remaining), r.num_blocks)
+        self._return_idle(r.token_machine)
+        for mid in {r.prompt_machine, r.token_machine}:
+            link = self.registry.links.get(mid)
+            if link is None:
+                continue
+            link.requests.discard(a.attempt_id)
+            if not a.req.finish_reason:  # failed or cancelled: free what the machine may hold
+                self._spawn(self._abort(link, a.attempt_id))
+
+    async def _abort(self, link, attempt_id: str) -> None:
+        try:
+            await link.stub.Abort(mpb.AbortRequest(request_id=attempt_id), timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError:
+            pass  # unknown there (already done) or the machine is gone: nothing is held
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
