@@ -26,7 +26,7 @@ def test_help_on_every_command(argv, capsys):
 
 
 def test_cls_imports_no_torch():
-    code = "import sys, cls.clsctl; print('torch' in sys.modules)"
+    code = "import sys, cls.clsctl, cls.clsd, cls.service; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
