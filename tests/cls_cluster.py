@@ -8,70 +8,26 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import grpc
-import yaml
 
 from proto import clsd_pb2 as pb
 from proto import clsd_pb2_grpc
-from tests.mls_driver import ROOT, MachineProc
+from tests.mls_driver import DaemonProc, MachineProc
 
 ADMIN_TOKEN = "test-admin-token"
 
 
-class ClsdProc:
+class ClsdProc(DaemonProc):
+    module = "cls.clsd"
+
     def __init__(self, tmp_dir: Path, config: dict):
         self.token_file = tmp_dir / "admin-token"
         self.token_file.write_text(ADMIN_TOKEN + "\n")
         config = {"grpc_port": 0, "metrics_port": 0, "admin_token_file": str(self.token_file), **config}
-        self.config_path = tmp_dir / "clsd.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.log_path = tmp_dir / "clsd.log"
-        self.proc: subprocess.Popen | None = None
-        self.ready: dict = {}
-
-    def start(self, timeout_s: float = 60.0) -> ClsdProc:
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "cls.clsd", "--config", str(self.config_path)],
-                                     cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                                     stdout=subprocess.PIPE, stderr=self._log, text=True)
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout_s)
-        if not line or not line[0].startswith("{"):
-            self.kill()
-            raise RuntimeError(f"clsd did not become ready:\n{self.log()[-3000:]}")
-        self.ready = json.loads(line[0])
-        return self
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.ready['grpc_port']}"
-
-    def stop(self, timeout_s: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text()
+        super().__init__(tmp_dir, "clsd", config)
 
 
 def machine_config(model_dir, machine_id: str, role: str, transport: str = "tcp", **engine) -> dict:

@@ -31,7 +31,11 @@ from proto import mlsd_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class MachineProc:
+class DaemonProc:
+    """A daemon (`python -m MODULE --config FILE`) that prints one READY JSON line on stdout."""
+
+    module = "mls.mlsd"
+
     def __init__(self, tmp_dir: Path, name: str, config: dict, env: dict | None = None):
         self.name = name
         self.config_path = tmp_dir / f"{name}.yaml"
@@ -41,9 +45,9 @@ class MachineProc:
         self.proc: subprocess.Popen | None = None
         self.ready: dict = {}
 
-    def start(self, timeout_s: float = 120.0) -> MachineProc:
+    def start(self, timeout_s: float = 120.0):
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mls.mlsd", "--config",
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, "--config",
                                       str(self.config_path)], cwd=ROOT, env=self.env,
                                      stdout=subprocess.PIPE, stderr=self._log, text=True)
         line: list[str] = []
@@ -60,10 +64,6 @@ class MachineProc:
     def address(self) -> str:
         return f"127.0.0.1:{self.ready['grpc_port']}"
 
-    @property
-    def kv_address(self) -> bytes:
-        return bytes.fromhex(self.ready["kv_address"])
-
     def stop(self, timeout_s: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -79,6 +79,14 @@ class MachineProc:
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+
+class MachineProc(DaemonProc):
+    module = "mls.mlsd"
+
+    @property
+    def kv_address(self) -> bytes:
+        return bytes.fromhex(self.ready["kv_address"])
 
 
 @dataclass
