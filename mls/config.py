@@ -47,6 +47,10 @@ class KVTransferSection:
     port: int = 0
     layerwise_min_prompt_tokens: int = 256
     timeout_s: float = 30.0
+    """Transfer window: from the sender's first contact to the last layer (per request too)."""
+    start_timeout_s: float = 120.0
+    """Start window on the token machine: from the KV reservation to the sender's first contact
+    (covers the prefill's queueing on the prompt machine)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class MlsConfig:
         for key, value in (("scheduler.prompt_token_cap", self.scheduler.prompt_token_cap),
                            ("scheduler.max_queue_len", self.scheduler.max_queue_len),
                            ("kv_transfer.timeout_s", self.kv_transfer.timeout_s),
+                           ("kv_transfer.start_timeout_s", self.kv_transfer.start_timeout_s),
                            ("drain_timeout_s", self.drain_timeout_s)):
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")

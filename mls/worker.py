@@ -288,8 +288,11 @@ class EngineWorker:
             except KVCacheExhausted as e:  # the policy mirrors the pool: this is a bug
                 self._fail(r, f"KV reservation failed: {e}")
                 continue
+            # Start window: the prefill may queue on the prompt machine first; transfer window:
+            # from the sender's first contact to the last layer.
             self.receiver.expect(kv_spec_for(self.engine, r.seq), EngineSink(self.engine, r.seq),
-                                 time.monotonic() + r.timeout_s)
+                                 time.monotonic() + self.cfg.kv_transfer.start_timeout_s,
+                                 transfer_window_s=r.timeout_s)
             self._receiving[r.request_id] = r
             r.transfer_start_s = time.monotonic()
             self._events.append((r.request_id, "RESERVED", "", "", 0))

@@ -193,6 +193,32 @@ def test_deadline_fails_both_sides_when_layers_never_come(pair):
 
 
 @pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)
+def test_start_window_then_transfer_window(pair):
+    """The sender must connect within the start window; from then on the transfer window counts,
+    so a prefill that queued long on the prompt machine is not failed for it."""
+    receiver, sender = pair
+    spec = make_spec("slow-start", num_tokens=16, num_layers=6)
+    sink = BlockSink(spec)
+    receiver.expect(spec, sink, deadline(0.5), transfer_window_s=10.0)
+    handle = sender.open(receiver.address(), spec, deadline(10.0))
+    handle.send_layer(0, layer_data(spec, 0))
+    assert wait_for(lambda: receiver.poll("slow-start").state == RECEIVING, 5)
+    time.sleep(0.8)  # the layers keep coming after the start window has closed
+    for i in range(1, spec.num_layers):
+        handle.send_layer(i, layer_data(spec, i))
+    handle.finish(3)
+    assert handle.wait(10) == DONE
+    assert wait_for(lambda: receiver.poll("slow-start").state == DONE, 5)
+
+    never = make_spec("never-connects", num_tokens=16)
+    start = time.monotonic()
+    receiver.expect(never, BlockSink(never), start + 0.3, transfer_window_s=10.0)
+    status = wait_for(lambda: (st := receiver.poll("never-connects")).state == FAILED and st, 5)
+    assert status and time.monotonic() - start < 2.0
+    assert "waiting for the sender to connect" in status.error, status.error
+
+
+@pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)
 def test_sender_to_a_dead_address_fails_within_the_deadline(pair):
     receiver, sender = pair
     if receiver.transport == "local":

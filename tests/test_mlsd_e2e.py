@@ -107,6 +107,7 @@ def pair(demo_model_dir, tmp_path_factory):
     token_cfg["scheduler"]["max_queue_len"] = 24
     for cfg in (prompt_cfg, token_cfg):
         cfg["kv_transfer"]["timeout_s"] = 10.0
+        cfg["kv_transfer"]["start_timeout_s"] = 8.0
     prompt_m = MachineProc(tmp, "prompt", prompt_cfg).start()
     token_m = MachineProc(tmp, "token", token_cfg).start()
     yield prompt_m, token_m
@@ -393,3 +394,21 @@ def test_callers_that_go_away_mid_prefill_leave_a_working_machine(pair):
                for o in outcomes), outcomes
     assert after.status == "FINISHED" and len(after.tokens) == 4, (after, prompt_m.log()[-3000:])
     assert "Traceback" not in prompt_m.log()
+
+
+def test_a_reservation_nobody_sends_to_fails_after_the_start_window(pair):
+    prompt_m, token_m = pair
+
+    async def run():
+        async with Driver(prompt_m.address, token_m.address) as d:
+            q = d.watch("orphan")
+            start = time.monotonic()
+            reply = await d.token.AddDecode(pb.AddDecodeRequest(request=pb.RequestSpec(
+                request_id="orphan", prompt_token_ids=[5] * 40, sampling=pb.SamplingParams(max_tokens=4))))
+            event = await d.next_event(q, "FAILED", timeout_s=20)
+            return reply, time.monotonic() - start, event, await _loads(d)
+
+    reply, waited_s, event, loads = asyncio.run(run())
+    assert reply.reserved and 7.5 < waited_s < 14.0, (reply, waited_s)
+    assert "waiting for the sender to connect" in event.message, event.message
+    assert loads[1].kv_blocks_used == 0

@@ -121,8 +121,12 @@ class KVReceiver(abc.ABC):
         """What a sender needs to reach this receiver (published through the control plane)."""
 
     @abc.abstractmethod
-    def expect(self, spec: KVSpec, sink: KVSink, deadline_s: float) -> None:
-        """Accept `spec.request_id`'s KV until time.monotonic() reaches deadline_s."""
+    def expect(self, spec: KVSpec, sink: KVSink, deadline_s: float,
+               transfer_window_s: float | None = None) -> None:
+        """Accept `spec.request_id`'s KV: the sender must connect before time.monotonic()
+        reaches deadline_s (the start window, which covers the prefill's queueing on the prompt
+        machine); once it has, the transfer gets `transfer_window_s` from that moment (None: the
+        same deadline_s) to deliver every layer."""
 
     @abc.abstractmethod
     def poll(self, request_id: str) -> ReceiveStatus:

@@ -51,11 +51,24 @@ class Transfer:
     conn: socket.socket | None = None
     ended_at_s: float | None = None
     write_lock: threading.RLock = field(default_factory=threading.RLock)
+    transfer_window_s: float | None = None
+    connected_at_s: float | None = None
+
+    def connected(self) -> None:
+        """The sender is here: the start window ends and the transfer window begins."""
+        self.connected_at_s = time.monotonic()
+        if self.transfer_window_s is not None:
+            self.deadline_s = self.connected_at_s + self.transfer_window_s
 
     def timeout_reason(self) -> str:
         n = self.spec.num_layers
+        if self.connected_at_s is None:
+            return (f"timed out after {self.deadline_s - self.expected_at_s:.2f} s waiting for the "
+                    f"sender to connect (0 of {n} layers received)")
         waiting = next((f"layer {i}" for i in range(n) if i not in self.layers), "the sender's finish")
-        return (f"timed out after {self.deadline_s - self.expected_at_s:.2f} s waiting for {waiting} "
+        window = self.deadline_s - (self.expected_at_s if self.transfer_window_s is None
+                                    else self.connected_at_s)
+        return (f"timed out after {window:.2f} s waiting for {waiting} "
                 f"({len(self.layers)} of {n} layers received)")
 
 
@@ -83,7 +96,8 @@ class ControlReceiver(KVReceiver):
     def address(self) -> bytes:
         return f"{self._host}:{self._port}".encode()
 
-    def expect(self, spec: KVSpec, sink: KVSink, deadline_s: float) -> None:
+    def expect(self, spec: KVSpec, sink: KVSink, deadline_s: float,
+               transfer_window_s: float | None = None) -> None:
         with self._lock:
             if self._closed:
                 raise RuntimeError("KV receiver is closed")
@@ -91,7 +105,8 @@ class ControlReceiver(KVReceiver):
             if old is not None and old.state not in TERMINAL:
                 raise ValueError(f"request {spec.request_id!r} is already expected")
             now = time.monotonic()
-            self._transfers[spec.request_id] = Transfer(spec, sink, deadline_s, now)
+            self._transfers[spec.request_id] = Transfer(spec, sink, deadline_s, now,
+                                                        transfer_window_s=transfer_window_s)
             if now >= self._next_prune_s:  # the registry stays bounded if callers never cancel
                 self._next_prune_s = now + min(1.0, self._retain_finished_s / 2)
                 self._prune(now)
@@ -268,6 +283,7 @@ class ControlReceiver(KVReceiver):
                 reason = t.timeout_reason()
             else:
                 t.conn, t.state = conn, RECEIVING
+                t.connected()
                 return t, ""
         self.fail(t, reason)
         return None, reason

@@ -67,13 +67,15 @@ class LocalReceiver(KVReceiver):
     def address(self) -> bytes:
         return self._address
 
-    def expect(self, spec: KVSpec, sink: KVSink, deadline_s: float) -> None:
+    def expect(self, spec: KVSpec, sink: KVSink, deadline_s: float,
+               transfer_window_s: float | None = None) -> None:
         with self._lock:
             old = self._transfers.get(spec.request_id)
             if old is not None and old.state not in TERMINAL:
                 raise ValueError(f"request {spec.request_id!r} is already expected")
             now = time.monotonic()
-            self._transfers[spec.request_id] = _LocalTransfer(spec, sink, deadline_s, now)
+            self._transfers[spec.request_id] = _LocalTransfer(spec, sink, deadline_s, now,
+                                                              transfer_window_s=transfer_window_s)
             for rid, t in list(self._transfers.items()):  # bounded even if callers never cancel
                 t.expire(t.deadline_s)
                 if t.ended_at_s is not None and now - t.ended_at_s > self._retain_finished_s:
@@ -120,6 +122,7 @@ class LocalReceiver(KVReceiver):
                 t.end(FAILED, str(e))
                 raise
             t.state = RECEIVING
+            t.connected()
         return t
 
 
