@@ -61,6 +61,7 @@ class ClusterRequest:
     token_times: list[float] = field(default_factory=list)
     finish_reason: str = ""
     num_reroutes: int = 0
+    num_attempts: int = 0
     prefill_start_s: float | None = None
     route: Route | None = None
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -151,7 +152,8 @@ class Dispatcher:
             self.metrics.routed.labels("colocated" if route.colocated else "split").inc()
             for move in route.borrowed:
                 log.info("machine %s borrowed into the mixed pool", move.machine_id)
-        a = _Attempt(f"{req.request_id}#{req.num_reroutes}", req, offset, route, len(prompt))
+        a = _Attempt(f"{req.request_id}#{req.num_attempts}", req, offset, route, len(prompt))
+        req.num_attempts += 1
         self.attempts[a.attempt_id] = a
         sampling = mpb.SamplingParams()
         sampling.CopyFrom(req.sampling)
@@ -181,29 +183,34 @@ class Dispatcher:
             self._end(a)
 
     async def _until(self, a: _Attempt, kind: str):
-        """Consumes the inbox, yielding delivered tokens, until an event of `kind` arrives."""
-        req = a.req
+        """Consumes the inbox until an event of `kind` arrives, yielding delivered tokens: all
+        that are already waiting go out as one batch (one client message, not one per token)."""
+        req, new = a.req, []
         while True:
+            if new and req.inbox.empty():
+                yield new
+                new = []
             item = await req.inbox.get()
             if item[1] is not a:
                 continue  # a late item of an earlier attempt
             if item[0] == "token":
-                new = self._deliver(a, item[2], item[3])
-                if new:
-                    yield new
-            elif item[0] == "lost":
+                new += self._deliver(a, item[2], item[3])
+                continue
+            if new:  # tokens already placed in req.tokens reach the client before anything ends
+                yield new
+                new = []
+            if item[0] == "lost":
                 raise _AttemptFailed(item[3], (item[2],))
-            else:
-                e = item[2]
-                name = mpb.RequestEvent.Kind.Name(e.kind)
-                if name == kind == "RESERVED":
-                    return
-                if name == "FINISHED":
-                    req.finish_reason = e.finish_reason or "stop"
-                    return
-                if name in ("FAILED", "ABORTED"):
-                    raise _AttemptFailed(f"{name.lower()} on {a.route.token_machine}: {e.message}",
-                                         (a.route.token_machine,))
+            e = item[2]
+            name = mpb.RequestEvent.Kind.Name(e.kind)
+            if name == kind == "RESERVED":
+                return
+            if name == "FINISHED":
+                req.finish_reason = e.finish_reason or "stop"
+                return
+            if name in ("FAILED", "ABORTED"):
+                raise _AttemptFailed(f"{name.lower()} on {a.route.token_machine}: {e.message}",
+                                     (a.route.token_machine,))
 
     def _deliver(self, a: _Attempt, index: int, token_id: int) -> list[int]:
         """Places a token by index; returns the tokens that became deliverable, in order."""
