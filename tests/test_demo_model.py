@@ -61,12 +61,16 @@ def _engine_answers(eng, prompts, num_tokens, batched):
 
 
 # float32: token-exact, all prompts in one engine batch (the reference generates each alone).
-# bfloat16: rounding depends on the batch shape (GEMM blocking), as in every bf16 engine, so
-# each prompt runs alone and the first 8 tokens must agree.
-@pytest.mark.parametrize("dtype,num_tokens,must_match,batched",
-                         [("float32", 24, 24, True), ("bfloat16", 8, 8, False)])
-def test_greedy_answers_match_transformers(demo_model_dir, hf, dtype, num_tokens, must_match,
-                                           batched):
+# bfloat16: rounding differs between any two bf16 implementations (and with the batch shape and
+# the CPU's kernels), so a greedy run may take the other branch at a near-tie. Each prompt runs
+# alone; up to the first difference with transformers' bf16 tokens they must be equal, and at
+# that difference the engine's token must be as good as the best one by the float32 model's
+# logits (within BF16_TIE_LOGITS): a divergence only at a near-tie, never a wrong token.
+BF16_TIE_LOGITS = 0.25
+
+
+@pytest.mark.parametrize("dtype,num_tokens,batched", [("float32", 24, True), ("bfloat16", 8, False)])
+def test_greedy_answers_match_transformers(demo_model_dir, hf, dtype, num_tokens, batched):
     tok, models = hf
     eng = Engine(EngineConfig(model=str(demo_model_dir), dtype=dtype, kv_cache_bytes=2**28))
     prompts = [eng.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
@@ -74,7 +78,16 @@ def test_greedy_answers_match_transformers(demo_model_dir, hf, dtype, num_tokens
     for seq, prompt in zip(seqs, prompts):
         want = _hf_generate(models[getattr(torch, dtype)], prompt, num_tokens)
         got = seq.output_token_ids
-        assert got[:must_match] == want[:must_match], (tok.decode(got), tok.decode(want))
+        if dtype == "float32":
+            assert got == want, (tok.decode(got), tok.decode(want))
+            continue
+        i = next((k for k in range(num_tokens) if got[k] != want[k]), None)
+        if i is None:
+            continue
+        with torch.no_grad():
+            logits = models[torch.float32](torch.tensor([prompt + got[:i]])).logits[0, -1]
+        shortfall = (logits.max() - logits[got[i]]).item()
+        assert shortfall <= BF16_TIE_LOGITS, (i, shortfall, tok.decode(got), tok.decode(want))
     assert eng.num_free_blocks == eng.num_blocks
 
 
