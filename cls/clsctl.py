@@ -367,7 +367,8 @@ def _cmd_local_up(args: argparse.Namespace) -> int:
             print(_timing_line(done), file=sys.stderr)
         interruptible[0] = False
         print("Ctrl-C stops the cluster.", flush=True)
-        stop.wait()
+        while not stop.wait(0.5):  # a timed wait: the signal handler gets to run promptly
+            pass
         return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
