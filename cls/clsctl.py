@@ -367,7 +367,9 @@ def _cmd_local_up(args: argparse.Namespace) -> int:
             print(_timing_line(done), file=sys.stderr)
         interruptible[0] = False
         print("Ctrl-C stops the cluster.", flush=True)
-        while not stop.wait(0.5):  # a timed wait: the signal handler gets to run promptly
+        # Timed: a signal may land on one of grpc's threads, and Python runs the handler in the
+        # main thread only when it wakes up; an untimed wait could sleep through Ctrl-C.
+        while not stop.wait(0.5):
             pass
         return 0
     except KeyboardInterrupt:

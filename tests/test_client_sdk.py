@@ -471,6 +471,13 @@ def test_local_config_errors_name_the_key(tmp_path):
 # --- stand-in daemons (python -m tests.test_client_sdk clsd|mlsd ...) ------------------------
 
 
+def _wait(stop: threading.Event) -> None:
+    # Timed: a signal may land on one of grpc's threads, and the main thread runs the Python
+    # handler only when it wakes up; an untimed wait could then sleep through SIGTERM.
+    while not stop.wait(0.5):
+        pass
+
+
 def _stand_in(argv: list[str]) -> int:
     kind, args = argv[0], argv[1:]
     cfg = yaml.safe_load(Path(args[args.index("--config") + 1]).read_text()) or {}
@@ -485,7 +492,7 @@ def _stand_in(argv: list[str]) -> int:
         token = Path(cfg["admin_token_file"]).read_text().strip()
         with FakeClsd(token=token, machines={}, port=cfg.get("grpc_port", 0)) as server:
             print(json.dumps({"event": "READY", "grpc_port": server.port, "metrics_port": 0}), flush=True)
-            stop.wait()
+            _wait(stop)
     else:
         if cfg.get("fail"):
             print("fake mlsd: model not found", file=sys.stderr)
@@ -496,7 +503,7 @@ def _stand_in(argv: list[str]) -> int:
                 info=mpb.MachineInfo(machine_id=cfg["machine_id"], role=role),
                 address="127.0.0.1:1"), timeout=10)
         print(json.dumps({"event": "READY", "machine_id": cfg["machine_id"], "grpc_port": 1}), flush=True)
-        stop.wait()
+        _wait(stop)
     print(f"{kind} stopped at {time.monotonic_ns()}", file=sys.stderr, flush=True)
     return 0
 
