@@ -1,8 +1,8 @@
 """A misbehaving KV peer in its own process, for failure tests.
 
     python -m tests.kv_peer send ADDRESS_HEX REQUEST_ID NUM_TOKENS LAYERS_TO_SEND
-        opens a TCP KV transfer (float32 SmolLM2 shape), sends that many layers, prints "sent",
-        then hangs (never finishes) until killed.
+        opens a TCP KV transfer (float32 SmolLM2 shape), sends that many layers, prints "sent"
+        once the receiver has accepted the transfer, then hangs (never finishes) until killed.
     python -m tests.kv_peer receive REQUEST_ID NUM_TOKENS
         a receiver that prints its address, accepts the request and hangs inside the first
         layer (a stuck token machine) until killed.
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from mls.kv.base import KVSpec
+from mls.kv.base import KVSpec, TransferState
 from mls.kv.factory import make_receiver, make_sender
 
 
@@ -42,6 +42,8 @@ def main() -> None:
         handle = make_sender("tcp").open(address, spec(rid, n), time.monotonic() + 600)
         for layer in range(layers):
             handle.send_layer(layer, torch.zeros(spec(rid, n).layer_shape))
+        while handle.wait(0.01) == TransferState.WAITING:  # "sent" only once the receiver accepted
+            pass
         print("sent", flush=True)
     else:
         rid, n = sys.argv[2], int(sys.argv[3])
