@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -31,7 +30,7 @@ from cls.metrics import ClsMetrics
 from cls.service import AdminService, ClientService, ClusterState, RegistryService
 from engine.tokenizer import Tokenizer
 from mls import sdnotify
-from mls.config import ConfigError, parse_overrides
+from mls.config import ConfigError, load_daemon_config
 from proto import clsd_pb2_grpc
 
 log = logging.getLogger("clsd")
@@ -103,22 +102,15 @@ async def _refresh_metrics(state: ClusterState) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clsd", description="Cluster-level scheduler daemon.")
-    parser.add_argument("--config", required=True, help="YAML config file (see configs/clsd.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
-                        help="override a key, e.g. --set grpc_port=0")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_daemon_config(ClsConfig, "clsd", "Cluster-level scheduler daemon.", argv)
+    if isinstance(cfg, int):
+        return cfg
     try:
-        cfg = ClsConfig.load(args.config, parse_overrides(args.set))
         cfg.admin_token()  # a missing or empty token file fails now, not on the first admin call
-    except (ConfigError, OSError) as e:
+        return asyncio.run(serve(cfg))
+    except ConfigError as e:
         print(f"clsd: config error: {e}", file=sys.stderr)
         return 2
-    try:
-        return asyncio.run(serve(cfg))
     except FileNotFoundError as e:  # the tokenizer
         print(f"clsd: {e}", file=sys.stderr)
         return 2

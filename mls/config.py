@@ -160,3 +160,25 @@ def parse_overrides(items: list[str]) -> dict:
             raise ConfigError(f"--set needs KEY=VALUE, got {item!r}")
         overrides[key] = yaml.safe_load(value)
     return overrides
+
+
+def load_daemon_config(config_cls, prog: str, description: str, argv: list[str] | None):
+    """A daemon's command line: `--config FILE [--set KEY=YAML ...] [--log-level LEVEL]`; sets
+    up logging to stderr and returns the loaded config, or exit code 2 after printing why."""
+    import argparse
+    import logging
+    import sys
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
+                        help="override a key, e.g. --set grpc_port=0 --set engine.dtype=float32")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return config_cls.load(args.config, parse_overrides(args.set))
+    except (ConfigError, OSError) as e:
+        print(f"{prog}: config error: {e}", file=sys.stderr)
+        return 2

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -29,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from engine.config import EngineConfig
 from engine.engine import Engine
 from mls import sdnotify
-from mls.config import ConfigError, MlsConfig, parse_overrides
+from mls.config import MlsConfig, load_daemon_config
 from mls.kv.factory import make_endpoints
 from mls.metrics import MlsMetrics
 from mls.registration import Registration
@@ -145,19 +144,9 @@ async def _watchdog(worker: EngineWorker, cfg: MlsConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mlsd", description="Machine-level scheduler daemon.")
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
-                        help="override a key, e.g. --set grpc_port=50051 --set engine.dtype=float32")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = MlsConfig.load(args.config, parse_overrides(args.set))
-    except (ConfigError, OSError) as e:
-        print(f"mlsd: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_daemon_config(MlsConfig, "mlsd", "Machine-level scheduler daemon.", argv)
+    if isinstance(cfg, int):
+        return cfg
     return asyncio.run(serve(cfg))
 
 

@@ -175,58 +175,58 @@ def test_text_prompt_with_chat_template(cluster):
     assert "Paris" in r.text and r.finish_reason in ("stop", "length"), r
 
 
-def test_resize_while_running_loses_nothing(demo_model_dir, tmp_path):
+@pytest.fixture
+def own_cluster(demo_model_dir, tmp_path):
+    """A cluster of its own, for a test that changes it (resizes it, kills a machine)."""
     c = Cluster(tmp_path, demo_model_dir, [("prompt-0", "prompt"), ("token-0", "token"),
                                            ("token-1", "token")])
     c.start()
-    try:
-        prompts = _prompts(24, seed=5, lengths=(20, 90, 200))
-        max_tokens = [24] * 24
-        reference = _reference(demo_model_dir, prompts, max_tokens)
-        moves = []
-
-        async def resize_when_decoding():
-            def decoding():
-                ms = c.admin("ListMachines", pb.ListMachinesRequest()).machines
-                return any(m.pending_decode_tokens > 0 and m.home == 2 for m in ms)
-            await asyncio.to_thread(_wait_for, decoding, 60, "no decode work appeared")
-            reply = await asyncio.to_thread(c.admin, "ResizePools", pb.ResizePoolsRequest(num_prompt=2))
-            moves.extend(reply.moves)
-
-        results = asyncio.run(_generate_all(c.clsd.address, prompts, max_tokens, resize_when_decoding))
-        assert len(moves) == 1 and moves[0].from_pool == 2 and moves[0].to_pool == 1, moves
-        for i, r in enumerate(results):
-            assert list(r.token_ids) == reference[i], (i, r, c.logs())
-        pools = _pools(c)
-        assert len(pools["prompt"]) == 2 and len(pools["token"]) == 1, pools
-    finally:
-        c.stop()
+    yield c
+    c.stop()
 
 
-def test_killing_a_token_machine_mid_decode_reroutes(demo_model_dir, tmp_path):
-    c = Cluster(tmp_path, demo_model_dir, [("prompt-0", "prompt"), ("token-0", "token"),
-                                           ("token-1", "token")])
-    c.start()
-    try:
-        prompts = _prompts(16, seed=6, lengths=(20, 90, 200))
-        max_tokens = [40] * 16
-        reference = _reference(demo_model_dir, prompts, max_tokens)
-        killed = []
+def test_resize_while_running_loses_nothing(own_cluster, demo_model_dir):
+    c = own_cluster
+    prompts = _prompts(24, seed=5, lengths=(20, 90, 200))
+    max_tokens = [24] * 24
+    reference = _reference(demo_model_dir, prompts, max_tokens)
+    moves = []
 
-        async def kill_when_decoding():
-            def busy_token_machine():
-                ms = c.admin("ListMachines", pb.ListMachinesRequest()).machines
-                return next((m.machine_id for m in ms if m.machine_id.startswith("token")
-                             and m.num_requests > 0 and m.pending_decode_tokens > 0), None)
-            victim = await asyncio.to_thread(_wait_for, busy_token_machine, 60, "no decode work")
-            c.machines[victim].proc.send_signal(signal.SIGKILL)
-            killed.append(victim)
+    async def resize_when_decoding():
+        def decoding():
+            ms = c.admin("ListMachines", pb.ListMachinesRequest()).machines
+            return any(m.pending_decode_tokens > 0 and m.home == 2 for m in ms)
+        await asyncio.to_thread(_wait_for, decoding, 60, "no decode work appeared")
+        reply = await asyncio.to_thread(c.admin, "ResizePools", pb.ResizePoolsRequest(num_prompt=2))
+        moves.extend(reply.moves)
 
-        results = asyncio.run(_generate_all(c.clsd.address, prompts, max_tokens, kill_when_decoding))
-        for i, r in enumerate(results):
-            assert list(r.token_ids) == reference[i], (i, r, c.logs())
-        assert any(r.num_reroutes > 0 for r in results)
-        machines = c.admin("ListMachines", pb.ListMachinesRequest()).machines
-        assert killed[0] not in [m.machine_id for m in machines]
-    finally:
-        c.stop()
+    results = asyncio.run(_generate_all(c.clsd.address, prompts, max_tokens, resize_when_decoding))
+    assert len(moves) == 1 and moves[0].from_pool == 2 and moves[0].to_pool == 1, moves
+    for i, r in enumerate(results):
+        assert list(r.token_ids) == reference[i], (i, r, c.logs())
+    pools = _pools(c)
+    assert len(pools["prompt"]) == 2 and len(pools["token"]) == 1, pools
+
+
+def test_killing_a_token_machine_mid_decode_reroutes(own_cluster, demo_model_dir):
+    c = own_cluster
+    prompts = _prompts(16, seed=6, lengths=(20, 90, 200))
+    max_tokens = [40] * 16
+    reference = _reference(demo_model_dir, prompts, max_tokens)
+    killed = []
+
+    async def kill_when_decoding():
+        def busy_token_machine():
+            ms = c.admin("ListMachines", pb.ListMachinesRequest()).machines
+            return next((m.machine_id for m in ms if m.machine_id.startswith("token")
+                         and m.num_requests > 0 and m.pending_decode_tokens > 0), None)
+        victim = await asyncio.to_thread(_wait_for, busy_token_machine, 60, "no decode work")
+        c.machines[victim].proc.send_signal(signal.SIGKILL)
+        killed.append(victim)
+
+    results = asyncio.run(_generate_all(c.clsd.address, prompts, max_tokens, kill_when_decoding))
+    for i, r in enumerate(results):
+        assert list(r.token_ids) == reference[i], (i, r, c.logs())
+    assert any(r.num_reroutes > 0 for r in results)
+    machines = c.admin("ListMachines", pb.ListMachinesRequest()).machines
+    assert killed[0] not in [m.machine_id for m in machines]
