@@ -1,0 +1,291 @@
+"""A discrete-event cluster simulator in virtual time that drives the daemons' own policy objects.
+
+The router (`cls.router.Router` over `cls.pools.Pools`) and, per machine, the machine policies
+(`PromptScheduler`, `TokenScheduler`, `MixedScheduler` over one shared `BlockBudget`) are the very
+objects clsd and mlsd run; only the clock and the engine are modelled (an `engine.modelled`
+latency model gives each step's time, `kv_transfer_s` the KV transfer's). Life cycle of a request:
+1. Arrival: the router picks and charges a (prompt, token) machine pair.
+2. Disaggregated: the token machine's TokenScheduler queues it and admits it when its KV blocks
+   (prompt + max output) are free; only then does the prompt go to the prompt machine's
+   PromptScheduler (clsd sends Prefill after the token machine reserved, as here).
+   Colocated: the machine's MixedScheduler queues it and prefills it when its blocks are free.
+3. Prefill step ends: the router is credited the prompt (the prompt machine may return home);
+   disaggregated, the first token exists once the KV has arrived (`kv_transfer_s` after the
+   prefill's end), and the request joins the token machine's decode batch.
+4. Each decode step gives every running request one token; the router is credited per token.
+5. Finish (output_len tokens): the blocks go back, the router is credited the request's blocks
+   (the token machine may return home), and queued requests may be admitted.
+A machine runs one step at a time: a prefill batch if it has prompts (prompts first, as the mixed
+policy does), otherwise one decode step over all its running requests.
+"""
+
+from __future__ import annotations
+
+import heapq
+import statistics
+from dataclasses import dataclass, field
+
+from cls.pools import Pool, PoolMove, Pools
+from cls.router import NoMachine, Router
+from cls.traces import Arrival
+from engine.modelled import LINKS, LatencyModel, ModelShape, kv_transfer_s
+from mls.policy import BlockBudget, Job, MixedScheduler, PromptScheduler, TokenScheduler
+
+_UNBOUNDED_QUEUE = 1 << 40  # the simulator measures queueing; it never turns requests away
+_ARRIVAL, _STEP_DONE, _KV_READY = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class ClusterDesign:
+    num_prompt: int
+    num_token: int
+    kv_blocks_per_machine: int
+    block_size: int = 16
+    prompt_token_cap: int = 2048
+    prompt_queue_limit_tokens: int = 8192
+    max_model_len: int = 1 << 20
+    max_batch_size: int = 256
+    model_shape: ModelShape | None = None
+    """For the KV transfer time; None: transfers take no time."""
+    link_bytes_s: float = LINKS["infiniband-400g"]
+    layerwise_transfer: bool = True
+    tensor_parallel: int = 1
+
+    def __post_init__(self):
+        if self.num_prompt < 0 or self.num_token < 0 or self.num_prompt + self.num_token < 1:
+            raise ValueError(f"a design needs at least one machine and no negative pool, got "
+                             f"num_prompt={self.num_prompt} num_token={self.num_token}")
+        if self.kv_blocks_per_machine < 1 or self.block_size < 1:
+            raise ValueError("kv_blocks_per_machine and block_size must be >= 1")
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+    prompt_machine: str = ""
+    token_machine: str = ""
+    num_blocks: int = 0
+    colocated: bool = False
+    token_times_s: list[float] = field(default_factory=list)
+    finish_s: float | None = None
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_times_s[0] - self.arrival_s
+
+    @property
+    def tbts_s(self) -> list[float]:
+        t = self.token_times_s
+        return [b - a for a, b in zip(t, t[1:])]
+
+    @property
+    def e2e_s(self) -> float:
+        return self.finish_s - self.arrival_s
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default); NaN for no values."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+@dataclass
+class SimResult:
+    requests: list[RequestRecord]
+    rejected: list[str]
+    borrow_events: list[tuple[float, PoolMove]]
+    end_s: float
+
+    @property
+    def finished(self) -> list[RequestRecord]:
+        return [r for r in self.requests if r.finish_s is not None]
+
+    def ttft_s(self, p: float) -> float:
+        return percentile([r.ttft_s for r in self.finished], p)
+
+    def tbt_s(self, p: float) -> float:
+        return percentile([t for r in self.finished for t in r.tbts_s], p)
+
+    def e2e_s(self, p: float) -> float:
+        return percentile([r.e2e_s for r in self.finished], p)
+
+    def summary(self) -> dict[str, float]:
+        out: dict[str, float] = {"num_finished": len(self.finished), "num_rejected": len(self.rejected),
+                                 "num_borrows": len(self.borrow_events), "end_s": self.end_s}
+        for p in (50, 90, 99):
+            out[f"ttft_p{p}_s"], out[f"tbt_p{p}_s"] = self.ttft_s(p), self.tbt_s(p)
+            out[f"e2e_p{p}_s"] = self.e2e_s(p)
+        if self.finished:
+            out["mean_tbt_s"] = statistics.fmean(t for r in self.finished for t in r.tbts_s or [0.0])
+        return out
+
+
+class _Machine:
+    """One simulated machine: the mlsd policies over one KV pool, and the step it runs."""
+
+    def __init__(self, machine_id: str, d: ClusterDesign):
+        self.machine_id = machine_id
+        budget = BlockBudget(d.kv_blocks_per_machine)
+        self.prompt = PromptScheduler(d.prompt_token_cap, max_queue_len=_UNBOUNDED_QUEUE)
+        self.token = TokenScheduler(d.kv_blocks_per_machine, d.block_size, d.max_batch_size,
+                                    _UNBOUNDED_QUEUE, budget)
+        self.mixed = MixedScheduler(d.kv_blocks_per_machine, d.block_size, d.prompt_token_cap,
+                                    d.max_batch_size, _UNBOUNDED_QUEUE, budget)
+        self.busy = False
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What a machine runs now: prefill of `prefill` (from the prompt or the mixed policy) or one
+    decode token for each of `decode_token` + `decode_mixed`."""
+    prefill: list[Job]
+    mixed_prefill: bool
+    decode_token: list[str]
+    decode_mixed: list[str]
+    duration_s: float
+
+
+class Simulator:
+    def __init__(self, design: ClusterDesign, latency_model: LatencyModel, seed: int = 0):
+        """`seed` is kept for randomized policies to come; today every step is deterministic."""
+        self.design, self.latency, self.seed = design, latency_model, seed
+
+    def run(self, arrivals: list[Arrival]) -> SimResult:
+        """Replays `arrivals` (sorted by time here) to the end of the last request."""
+        d = self.design
+        self.pools = Pools()
+        self.router = Router(self.pools, d.prompt_queue_limit_tokens)
+        self.machines: dict[str, _Machine] = {}
+        for home, n in ((Pool.PROMPT, d.num_prompt), (Pool.TOKEN, d.num_token)):
+            for i in range(n):
+                mid = f"{home}-{i}"
+                self.pools.add(mid, home, d.kv_blocks_per_machine, d.block_size, d.max_model_len)
+                self.machines[mid] = _Machine(mid, d)
+        self.records: dict[str, RequestRecord] = {}
+        self.rejected: list[str] = []
+        self.borrow_events: list[tuple[float, PoolMove]] = []
+        self._events: list[tuple] = []
+        self._seq = 0
+        self.now = 0.0
+        for i, a in enumerate(sorted(arrivals, key=lambda a: a.arrival_s)):
+            self._push(a.arrival_s, _ARRIVAL, (f"r{i}", a))
+        while self._events:  # the event loop: pop -> update -> schedule the next steps
+            self.now, _, kind, payload = heapq.heappop(self._events)
+            if kind == _ARRIVAL:
+                self._arrive(*payload)
+            elif kind == _STEP_DONE:
+                self._step_done(*payload)
+            else:
+                self._kv_ready(*payload)
+        return SimResult(list(self.records.values()), self.rejected, self.borrow_events, self.now)
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def _push(self, at_s: float, kind: int, payload: tuple) -> None:
+        self._seq += 1  # ties resolve in push order: deterministic
+        heapq.heappush(self._events, (at_s, self._seq, kind, payload))
+
+    def _arrive(self, request_id: str, a: Arrival) -> None:
+        try:
+            route = self.router.route(a.prompt_len, a.output_len)
+        except NoMachine:
+            self.rejected.append(request_id)
+            return
+        self.borrow_events += [(self.now, move) for move in route.borrowed]
+        self.records[request_id] = RequestRecord(
+            request_id, a.arrival_s, a.prompt_len, a.output_len, route.prompt_machine,
+            route.token_machine, route.num_blocks, route.colocated)
+        job = Job(request_id, a.prompt_len, a.output_len, arrival_s=a.arrival_s)
+        m = self.machines[route.token_machine]
+        if route.colocated:
+            m.mixed.add(job)
+        else:
+            m.token.add(job)
+            self._admit(m)
+        self._kick(m)
+
+    def _admit(self, m: _Machine) -> None:
+        """Admits what the token machine's memory allows; their prompts go to prefill."""
+        for job in m.token.schedule().admitted:
+            pm = self.machines[self.records[job.request_id].prompt_machine]
+            pm.prompt.add(Job(job.request_id, job.prompt_len, job.max_tokens, job.arrival_s))
+            self._kick(pm)
+
+    def _kick(self, m: _Machine) -> None:
+        if m.busy:
+            return
+        step = self._schedule(m)
+        if step is not None:
+            m.busy = True
+            self._push(self.now + step.duration_s, _STEP_DONE, (m, step))
+
+    def _schedule(self, m: _Machine) -> _Step | None:
+        """Prompts first (the prompt policy's, then the mixed policy's), else one decode step."""
+        batch = m.prompt.schedule()
+        if batch is not None:
+            return _Step(batch.jobs, False, [], [],
+                         self.latency.prefill_s(batch.num_tokens, len(batch.jobs)))
+        plan = m.mixed.schedule()
+        if plan.prefill:
+            return _Step(plan.prefill, True, [], [], self.latency.prefill_s(
+                sum(j.prompt_len for j in plan.prefill), len(plan.prefill)))
+        decode_token = list(m.token.ready)
+        jobs = [m.token.ready[r] for r in decode_token] + [m.mixed.running[r] for r in plan.decode]
+        if not jobs:
+            return None
+        context = sum(j.prompt_len + j.num_generated for j in jobs)
+        return _Step([], False, decode_token, plan.decode, self.latency.decode_s(len(jobs), context))
+
+    def _step_done(self, m: _Machine, step: _Step) -> None:
+        for job in step.prefill:
+            self.pools.credit_prompt(m.machine_id, job.prompt_len)
+            self._return_idle(m.machine_id)
+            if step.mixed_prefill:  # colocated: the prefill's token is the first token
+                self._token(m.mixed, job.request_id)
+            else:
+                r = self.records[job.request_id]
+                shape = self.design.model_shape
+                transfer_s = 0.0 if shape is None else kv_transfer_s(
+                    job.prompt_len, shape, self.design.link_bytes_s, self.design.layerwise_transfer,
+                    step.duration_s, self.design.tensor_parallel)
+                self._push(self.now + transfer_s, _KV_READY, (self.machines[r.token_machine], job))
+        for request_id in step.decode_token:
+            self._token(m.token, request_id)
+        for request_id in step.decode_mixed:
+            self._token(m.mixed, request_id)
+        m.busy = False  # only now: the next step must see every update of this one
+        self._kick(m)
+
+    def _kv_ready(self, m: _Machine, job: Job) -> None:
+        m.token.kv_ready(job.request_id)
+        self._token(m.token, job.request_id)
+        self._kick(m)
+
+    # -- request progress -----------------------------------------------------------------------
+
+    def _token(self, policy: TokenScheduler | MixedScheduler, request_id: str) -> None:
+        """One token of `request_id` exists now; the router is credited as clsd credits it."""
+        r = self.records[request_id]
+        policy.token_generated(request_id)
+        r.token_times_s.append(self.now)
+        self.pools.credit_decode(r.token_machine, 1)
+        if len(r.token_times_s) == r.output_len:
+            r.finish_s = self.now
+            policy.release(request_id)
+            self.pools.credit_decode(r.token_machine, 0, r.num_blocks)
+            self._return_idle(r.token_machine)
+            m = self.machines[r.token_machine]
+            self._admit(m)
+            self._kick(m)
+
+    def _return_idle(self, machine_id: str) -> None:
+        if self.pools.get(machine_id).role == Pool.MIXED:
+            self.pools.return_idle(machine_id)

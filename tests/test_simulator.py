@@ -1,0 +1,190 @@
+"""The cluster simulator (virtual time, the daemons' own router and machine policies) and the
+trace loaders it replays."""
+
+from __future__ import annotations
+
+import pytest
+
+from cls.simulator import ClusterDesign, Simulator, percentile
+from cls.traces import Arrival, TraceError, load_azure_trace, poisson_arrivals
+from engine.modelled import LINKS, MODEL_SHAPES, LatencyModel, ProfileLatencyModel, kv_transfer_s
+from tests.conftest import SHARED
+
+PROFILE = SHARED / "profiles" / "splitwise_perf_model.csv"
+CODE_TRACE = SHARED / "traces" / "AzureLLMInferenceTrace_code.csv"
+CONV_TRACE = SHARED / "traces" / "AzureLLMInferenceTrace_conv.csv"
+LLAMA = MODEL_SHAPES["llama2-70b"]
+
+
+class FakeLatency(LatencyModel):
+    """Exact arithmetic: prefill 10 ms + 1 ms per token; decode 20 ms + 1 ms per extra request."""
+
+    def _prefill_s(self, batch_tokens, batch_size):
+        return 0.010 + 0.001 * batch_tokens
+
+    def _decode_s(self, batch_size, context_tokens):
+        return 0.020 + 0.001 * (batch_size - 1)
+
+    def _mixed_s(self, prefill_tokens, num_prefills, num_decodes, decode_context_tokens):
+        raise AssertionError("the simulator runs prefill and decode steps apart")
+
+
+def design(num_prompt=1, num_token=1, kv_blocks=4096, **kw) -> ClusterDesign:
+    return ClusterDesign(num_prompt, num_token, kv_blocks, **kw)
+
+
+def simulate(d: ClusterDesign, arrivals, latency=None):
+    return Simulator(d, latency or FakeLatency(), seed=0).run(arrivals)
+
+
+@pytest.fixture(scope="module")
+def profile() -> ProfileLatencyModel:
+    if not PROFILE.is_file():
+        pytest.skip(f"Splitwise profile absent at {PROFILE} (../shared/profiles is not checked out)")
+    return ProfileLatencyModel.from_csv(PROFILE, model="llama2-70b", hardware="h100-80gb",
+                                        tensor_parallel=8)
+
+
+def need_trace(path):
+    if not path.is_file():
+        pytest.skip(f"Azure trace absent at {path} (../shared/traces is not checked out)")
+    return path
+
+
+# -- the simulator --------------------------------------------------------------------------------
+
+def test_single_request_ttft_is_prefill_plus_transfer_and_tbt_is_the_decode_step():
+    d = design(model_shape=LLAMA, link_bytes_s=LINKS["infiniband-400g"])
+    result = simulate(d, [Arrival(1.0, 1000, 5)])
+    (r,) = result.requests
+    prefill_s = 0.010 + 0.001 * 1000
+    transfer_s = kv_transfer_s(1000, LLAMA, LINKS["infiniband-400g"], True, prefill_s)
+    assert transfer_s > 0
+    assert not r.colocated and (r.prompt_machine, r.token_machine) == ("prompt-0", "token-0")
+    assert r.ttft_s == pytest.approx(prefill_s + transfer_s)
+    assert r.tbts_s == pytest.approx([0.020] * 4)
+    assert r.e2e_s == pytest.approx(prefill_s + transfer_s + 4 * 0.020)
+    assert result.ttft_s(50) == pytest.approx(r.ttft_s) and result.tbt_s(99) == pytest.approx(0.020)
+
+
+def test_runs_are_deterministic_and_every_request_gets_exactly_its_tokens():
+    arrivals = poisson_arrivals(20, 5, (50, 3000), (1, 60), seed=3)
+    d = design(num_prompt=2, num_token=1, kv_blocks=2000)
+    a, b = simulate(d, arrivals), simulate(d, arrivals)
+    assert [(r.request_id, r.prompt_machine, r.token_machine, r.token_times_s) for r in a.requests] \
+        == [(r.request_id, r.prompt_machine, r.token_machine, r.token_times_s) for r in b.requests]
+    assert a.summary() == b.summary()
+    assert not a.rejected and len(a.finished) == len(arrivals)
+    by_id = {r.request_id: r for r in a.requests}
+    for i, arrival in enumerate(sorted(arrivals, key=lambda x: x.arrival_s)):
+        r = by_id[f"r{i}"]
+        assert len(r.token_times_s) == arrival.output_len == r.output_len
+        assert r.token_times_s == sorted(r.token_times_s) and r.token_times_s[0] > r.arrival_s
+
+
+def test_the_router_ends_with_no_charges_left():
+    sim = Simulator(design(num_prompt=2, num_token=2, kv_blocks=500), FakeLatency())
+    sim.run(poisson_arrivals(30, 3, (100, 2000), (1, 40), seed=1))
+    for m in sim.pools.machines.values():
+        assert (m.pending_prompt_tokens, m.prompt_queue_len, m.pending_decode_tokens) == (0, 0, 0)
+        assert m.kv_free_blocks == m.kv_total_blocks and m.role == m.home
+    for m in sim.machines.values():
+        assert m.token.budget.used == 0 and not m.busy
+
+
+def test_more_load_gives_higher_latency_percentiles():
+    d = design(num_prompt=1, num_token=1, kv_blocks=4000)
+    low = simulate(d, poisson_arrivals(2, 20, 500, 20, seed=7))
+    high = simulate(d, poisson_arrivals(30, 20, 500, 20, seed=7))
+    for p in (50, 90, 99):
+        assert high.ttft_s(p) > low.ttft_s(p)
+        assert high.e2e_s(p) > low.e2e_s(p)
+    assert high.tbt_s(90) > low.tbt_s(90)  # bigger decode batches
+
+
+def test_no_token_machine_runs_colocated_through_the_routers_fallback():
+    arrivals = poisson_arrivals(5, 4, 300, 10, seed=2)
+    result = simulate(design(num_prompt=1, num_token=0), arrivals)
+    assert len(result.finished) == len(arrivals)
+    assert all(r.colocated and r.prompt_machine == "prompt-0" for r in result.requests)
+    assert result.borrow_events  # the prompt machine was borrowed for token work
+    r = result.requests[0]  # alone at first: no KV transfer, the prefill's token is the first
+    assert r.ttft_s == pytest.approx(0.010 + 0.001 * 300)
+
+
+def test_a_prompt_queue_past_the_limit_borrows_a_token_machine():
+    burst = [Arrival(0.0, 800, 4) for _ in range(4)]
+    result = simulate(design(prompt_queue_limit_tokens=1000), burst)
+    assert len(result.finished) == 4
+    moves = [move for _, move in result.borrow_events]
+    assert any(m.machine_id == "token-0" and m.to_pool == "mixed" for m in moves)
+    assert [r.prompt_machine for r in result.requests][:2] == ["prompt-0", "token-0"]
+    # The same burst under the default limit stays on the prompt machine.
+    calm = simulate(design(), burst)
+    assert not calm.borrow_events and {r.prompt_machine for r in calm.requests} == {"prompt-0"}
+
+
+def test_memory_short_token_machine_queues_instead_of_failing():
+    # Each request needs 2 blocks (32 tokens) of a machine's 4: the token machine holds two, the
+    # router borrows the prompt machine for two more (colocated), and the fifth waits in line.
+    result = simulate(design(kv_blocks=4), [Arrival(0.0, 20, 10) for _ in range(5)])
+    assert len(result.finished) == 5 and not result.rejected
+    r = result.requests
+    assert [x.colocated for x in r] == [False, False, True, True, False]
+    assert r[4].token_machine == "token-0"
+    assert r[4].token_times_s[0] > min(r[0].finish_s, r[1].finish_s)  # admitted after a release
+
+
+def test_a_request_larger_than_any_machine_is_rejected():
+    result = simulate(design(kv_blocks=2), [Arrival(0.0, 100, 10), Arrival(0.1, 10, 2)])
+    assert result.rejected == ["r0"] and len(result.finished) == 1
+
+
+def test_realistic_run_on_the_profile(profile):
+    arrivals = poisson_arrivals(4, 10, (200, 4000), (10, 200), seed=5)
+    d = design(num_prompt=2, num_token=1, kv_blocks=20000, model_shape=LLAMA, tensor_parallel=8)
+    result = simulate(d, arrivals, profile)
+    assert len(result.finished) == len(arrivals)
+    assert 0 < result.ttft_s(50) <= result.ttft_s(90) <= result.ttft_s(99)
+    assert result.tbt_s(50) >= profile.decode_s(1, 200)
+
+
+def test_percentile_interpolates_between_ranks():
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+
+
+# -- traces ---------------------------------------------------------------------------------------
+
+def test_azure_loader_parses_the_first_rows():
+    arrivals = load_azure_trace(need_trace(CODE_TRACE), limit=50)
+    assert len(arrivals) == 50
+    assert arrivals[0] == Arrival(0.0, 4808, 10)
+    assert arrivals[1].arrival_s == pytest.approx(0.052) and arrivals[1].prompt_len == 3180
+    assert all(b.arrival_s >= a.arrival_s for a, b in zip(arrivals, arrivals[1:]))
+
+
+def test_azure_loader_rescales_to_a_rate_then_cuts_to_a_duration():
+    trace = need_trace(CONV_TRACE)
+    scaled = load_azure_trace(trace, limit=1000, rate=70)
+    assert (len(scaled) - 1) / scaled[-1].arrival_s == pytest.approx(70)
+    cut = load_azure_trace(trace, limit=1000, rate=70, duration_s=5)
+    assert cut == [a for a in scaled if a.arrival_s < 5] and 200 < len(cut) < 500
+
+
+def test_azure_loader_errors_name_the_file_and_column(tmp_path):
+    bad = tmp_path / "t.csv"
+    bad.write_text("TIMESTAMP,ContextTokens\n2023-11-16 18:17:03.9,5\n")
+    with pytest.raises(TraceError, match=r"t\.csv lacks column\(s\) GeneratedTokens"):
+        load_azure_trace(bad)
+    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9,5,x\n")
+    with pytest.raises(TraceError, match=r"t\.csv line 2: column GeneratedTokens"):
+        load_azure_trace(bad)
+    with pytest.raises(TraceError, match="cannot read trace .*missing.csv"):
+        load_azure_trace(tmp_path / "missing.csv")
+
+
+def test_poisson_arrivals_are_deterministic_for_a_seed():
+    a = poisson_arrivals(10, 30, (1, 100), 7, seed=1)
+    assert a == poisson_arrivals(10, 30, (1, 100), 7, seed=1) != poisson_arrivals(10, 30, (1, 100), 7, seed=2)
+    assert 200 < len(a) < 400 and all(1 <= x.prompt_len <= 100 and x.output_len == 7 for x in a)
