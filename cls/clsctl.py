@@ -14,6 +14,7 @@ Commands:
     clsctl pools list | resize [--prompt N] [--token N]
     clsctl machines list | drain ID | undrain ID
     clsctl local up [--config configs/local.yaml] [--ask QUESTION]   clsd + machines on this host
+    clsctl simulate --cluster CONFIG --trace CSV [--rate R] [--duration S]   virtual-time cluster
 
 The commands that talk to clsd take --address (default $CLSD_ADDRESS, else 127.0.0.1:50050),
 --token-file (admin token; default $CLSD_TOKEN_FILE, else .run/admin-token) and --json. Errors
@@ -31,6 +32,7 @@ import sys
 import threading
 from dataclasses import asdict
 
+from cls import simulate_cli
 from cls.client import ClsClient, ClsError, Completion, MachineStatus, Unavailable, default_address
 
 DEFAULT_DEMO_OUT = "models/SmolLM2-135M-Instruct"
@@ -426,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pools(groups)
     _add_machines(groups)
     _add_local(groups)
+    simulate_cli.add_parser(groups)
     return parser
 
 

@@ -3,6 +3,11 @@ trace loaders it replays."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from cls.simulator import ClusterDesign, Simulator, percentile
@@ -188,3 +193,25 @@ def test_poisson_arrivals_are_deterministic_for_a_seed():
     a = poisson_arrivals(10, 30, (1, 100), 7, seed=1)
     assert a == poisson_arrivals(10, 30, (1, 100), 7, seed=1) != poisson_arrivals(10, 30, (1, 100), 7, seed=2)
     assert 200 < len(a) < 400 and all(1 <= x.prompt_len <= 100 and x.output_len == 7 for x in a)
+
+
+def test_clsctl_simulate_runs_a_design_over_a_trace(tmp_path):
+    trace = SHARED / "traces" / "AzureLLMInferenceTrace_conv.csv"
+    profile = SHARED / "profiles" / "splitwise_perf_model.csv"
+    if not (trace.is_file() and profile.is_file()):
+        pytest.skip(f"needs {trace} and {profile} (../shared beside the repository)")
+    design = tmp_path / "design.yaml"
+    design.write_text(f"name: t\nnum_prompt: 2\nnum_token: 2\nprofile: {profile}\n")
+    out = tmp_path / "sim.json"
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "cls.clsctl", "simulate", "--cluster", str(design),
+                          "--trace", str(trace), "--limit", "200", "--rate", "5", "--json", str(out)],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(out.read_text())
+    assert summary["num_finished"] == 200 and summary["num_rejected"] == 0
+    assert 0 < summary["ttft_p50_s"] <= summary["ttft_p99_s"] and "ttft (s)" in run.stdout
+    design.write_text("name: t\nnum_prompt: 2\nnum_tokens: 2\n")
+    bad = subprocess.run([sys.executable, "-m", "cls.clsctl", "simulate", "--cluster", str(design),
+                          "--trace", str(trace)], cwd=root, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "unknown key num_tokens" in bad.stderr

@@ -1,0 +1,82 @@
+"""A simulated cluster design from YAML (configs/sim/*.yaml): pools, model, hardware, latency model.
+
+1. `SimDesignConfig.load(path)` reads the file (unknown keys and wrong types are errors naming the
+   key, as for the daemons' configs).
+2. `build()` turns it into what the simulator takes: a `ClusterDesign` (KV blocks per machine
+   from the model shape and the hardware's memory) and a latency model (Splitwise's profile CSV,
+   read at run time, or the roofline when `profile` is null).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cls.simulator import ClusterDesign
+from engine.modelled import (
+    HARDWARE,
+    LINKS,
+    LatencyModel,
+    ProfileLatencyModel,
+    RooflineLatencyModel,
+    get_shape,
+    kv_capacity_tokens,
+)
+from mls.config import ConfigError, from_dict, load_yaml
+
+DEFAULT_PROFILE = "../shared/profiles/splitwise_perf_model.csv"
+
+
+@dataclass(frozen=True)
+class SimDesignConfig:
+    name: str
+    num_prompt: int
+    num_token: int
+    model: str = "llama2-70b"
+    hardware: str = "h100-80gb"
+    tensor_parallel: int = 8
+    profile: str | None = DEFAULT_PROFILE
+    """Splitwise-format profile CSV (relative to the working directory); null: roofline."""
+    link: str = "infiniband-400g"
+    layerwise_transfer: bool = True
+    block_size: int = 16
+    prompt_token_cap: int = 2048
+    prompt_queue_limit_tokens: int = 8192
+    kv_memory_fraction: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.hardware not in HARDWARE:
+            raise ConfigError(f"hardware must be one of {sorted(HARDWARE)}, got {self.hardware!r}")
+        if self.link not in LINKS:
+            raise ConfigError(f"link must be one of {sorted(LINKS)}, got {self.link!r}")
+        for key in ("num_prompt", "num_token"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.num_prompt + self.num_token < 1:
+            raise ConfigError("a design needs at least one machine")
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: dict | None = None) -> SimDesignConfig:
+        return from_dict(cls, load_yaml(path, overrides))
+
+    def build(self) -> tuple[ClusterDesign, LatencyModel]:
+        try:
+            shape = get_shape(self.model)
+        except (KeyError, ValueError, OSError) as e:
+            raise ConfigError(f"model: {e}") from None
+        kv_tokens = kv_capacity_tokens(shape, self.hardware, self.tensor_parallel,
+                                       memory_fraction=self.kv_memory_fraction)
+        design = ClusterDesign(
+            num_prompt=self.num_prompt, num_token=self.num_token,
+            kv_blocks_per_machine=max(1, kv_tokens // self.block_size), block_size=self.block_size,
+            prompt_token_cap=self.prompt_token_cap,
+            prompt_queue_limit_tokens=self.prompt_queue_limit_tokens, model_shape=shape,
+            link_bytes_s=LINKS[self.link], layerwise_transfer=self.layerwise_transfer,
+            tensor_parallel=self.tensor_parallel)
+        if self.profile is None:
+            return design, RooflineLatencyModel(shape, self.hardware, self.tensor_parallel)
+        if not Path(self.profile).is_file():
+            raise ConfigError(f"profile: {self.profile} not found (run from the repository root, with "
+                              "../shared beside it, or set profile: null for the roofline)")
+        return design, ProfileLatencyModel.from_csv(self.profile, model=self.model, hardware=self.hardware,
+                                                    tensor_parallel=self.tensor_parallel)
