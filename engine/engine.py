@@ -169,7 +169,11 @@ class Engine:
         slot_mapping = gather[torch.arange(len(seqs)), positions]
         mask = None
         if min(ctx_lens) != max_len:
-            mask = (pos[None, :] < lens[:, None])[:, None, None, :].to(self.device)
+            valid = pos[None, :] < lens[:, None]  # [B, L]
+            # Padded positions read the request's own newest slot, never unwritten memory: the
+            # cache is torch.empty, and a NaN there would survive the mask (0 * NaN = NaN in P @ V).
+            gather = torch.where(valid, gather, slot_mapping[:, None])
+            mask = valid[:, None, None, :].to(self.device)
         meta = AttentionMetadata(slot_mapping=slot_mapping.to(self.device),
                                  decode_slots=gather.to(self.device), decode_mask=mask)
         ids = self._tensor([s.last_token_id for s in seqs])
