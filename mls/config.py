@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROLES = ("prompt", "token", "mixed")
-TRANSPORTS = ("tcp", "ucx", "local")
+TRANSPORTS = ("tcp", "ucx", "local", "shm")
 
 
 class ConfigError(ValueError):
