@@ -12,8 +12,9 @@ elastic `mixed` pool without changing its home. Life cycle of a machine here:
    the role it left. `drain` takes a machine out of routing; `undrain` puts it back.
 5. `remove` (lease expired, or the machine left).
 
-Per pool, machines are kept in two sorted lists (by pending prompt tokens, by pending decode
-tokens) so the router's JSQ choice is O(log n) at thousands of machines.
+Per pool, machines are kept in three sorted lists (by pending prompt tokens, by pending decode
+tokens, by both together for colocated routing) so the router's JSQ choice is O(log n) at
+thousands of machines.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class Pools:
         self.machines: dict[str, Machine] = {}
         self._by_prompt = {p: SortedList() for p in Pool}  # (pending prompt tokens, id)
         self._by_decode = {p: SortedList() for p in Pool}  # (pending decode tokens, id)
+        self._by_total = {p: SortedList() for p in Pool}  # (pending prompt + decode tokens, id)
         self.num_borrowed = self.num_returned = 0
 
     # -- membership ---------------------------------------------------------------------------
@@ -152,6 +154,11 @@ class Pools:
         for _, machine_id in self._by_decode[pool]:
             yield self.machines[machine_id]
 
+    def by_total_load(self, pool: Pool):
+        """Machines of `pool`, fewest pending prompt + decode tokens first (a lazy iterator)."""
+        for _, machine_id in self._by_total[pool]:
+            yield self.machines[machine_id]
+
     # -- borrowing, resizing, draining --------------------------------------------------------
 
     def borrow(self, machine_id: str) -> PoolMove:
@@ -230,6 +237,7 @@ class Pools:
             idx = self._by_prompt[m.role]
             idx.remove((m.pending_prompt_tokens, m.machine_id))
             idx.add((pending, m.machine_id))
+            self._set_total(m, pending + m.pending_decode_tokens)
         m.pending_prompt_tokens, m.prompt_queue_len = pending, queue_len
 
     def _set_decode_load(self, m: Machine, pending: int) -> None:
@@ -237,14 +245,23 @@ class Pools:
             idx = self._by_decode[m.role]
             idx.remove((m.pending_decode_tokens, m.machine_id))
             idx.add((pending, m.machine_id))
+            self._set_total(m, m.pending_prompt_tokens + pending)
         m.pending_decode_tokens = pending
+
+    def _set_total(self, m: Machine, total: int) -> None:
+        idx = self._by_total[m.role]
+        idx.remove((m.pending_prompt_tokens + m.pending_decode_tokens, m.machine_id))
+        idx.add((total, m.machine_id))
 
     def _index(self, m: Machine) -> None:
         if not m.draining:
             self._by_prompt[m.role].add((m.pending_prompt_tokens, m.machine_id))
             self._by_decode[m.role].add((m.pending_decode_tokens, m.machine_id))
+            self._by_total[m.role].add((m.pending_prompt_tokens + m.pending_decode_tokens, m.machine_id))
 
     def _unindex(self, m: Machine) -> None:
         if not m.draining:
             self._by_prompt[m.role].remove((m.pending_prompt_tokens, m.machine_id))
             self._by_decode[m.role].remove((m.pending_decode_tokens, m.machine_id))
+            self._by_total[m.role].remove((m.pending_prompt_tokens + m.pending_decode_tokens,
+                                           m.machine_id))

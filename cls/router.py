@@ -12,6 +12,10 @@ One routing decision (`route`):
 3. The same machine for both, or a cluster with one usable machine: colocated (no KV transfer).
 4. The choice is charged to both machines at once (pending tokens, reserved blocks), so the next
    decision sees it before the next load report arrives.
+A colocated cluster (`colocated=True`: the baseline the phase split is measured against) routes
+each request to one machine for both phases: the machine with the fewest pending prompt + decode
+tokens whose free KV memory holds prompt + max output, else the least-loaded one that could ever
+hold it (it waits there for memory). Pools are not borrowed from in this mode.
 """
 
 from __future__ import annotations
@@ -39,12 +43,15 @@ class Route:
 
 
 class Router:
-    def __init__(self, pools: Pools, prompt_queue_limit_tokens: int = 8192):
+    def __init__(self, pools: Pools, prompt_queue_limit_tokens: int = 8192, colocated: bool = False):
         self.pools = pools
         self.prompt_queue_limit_tokens = prompt_queue_limit_tokens
+        self.colocated = colocated
 
     def route(self, prompt_len: int, max_tokens: int, exclude: frozenset[str] = frozenset()) -> Route:
         """Chooses and charges a (prompt, token) pair; `exclude` skips machines (re-routing)."""
+        if self.colocated:
+            return self._route_colocated(prompt_len, max_tokens, exclude)
         borrowed: list[PoolMove] = []
         prompt_m = self._choose_prompt(prompt_len, exclude, borrowed)
         token_m = self._choose_token(prompt_len + max_tokens, exclude, borrowed)
@@ -61,6 +68,30 @@ class Router:
         self.pools.charge_prompt(prompt_m, prompt_len)
         self.pools.charge_decode(token_m, max_tokens, blocks)
         return Route(prompt_m.machine_id, token_m.machine_id, blocks, borrowed)
+
+    def _route_colocated(self, prompt_len: int, max_tokens: int, exclude) -> Route:
+        num_tokens = prompt_len + max_tokens
+        best = waiting = None
+        for pool in Pool:
+            for m in self.pools.by_total_load(pool):
+                if m.machine_id in exclude or m.blocks_for(num_tokens) > m.kv_total_blocks:
+                    continue
+                if waiting is None or _total_key(m) < _total_key(waiting):
+                    waiting = m
+                if m.blocks_for(num_tokens) <= m.kv_free_blocks:
+                    if best is None or _total_key(m) < _total_key(best):
+                        best = m
+                    break  # later machines of this pool are more loaded
+        m = best or waiting
+        if m is None:
+            if not any(not x.draining and x.machine_id not in exclude for x in self.pools.machines.values()):
+                raise NoMachine("no machine is available (none registered, or all draining)")
+            raise NoMachine(f"no available machine's KV memory can hold {num_tokens} tokens "
+                            "(prompt + max_tokens)")
+        blocks = m.blocks_for(num_tokens)
+        self.pools.charge_prompt(m, prompt_len)
+        self.pools.charge_decode(m, max_tokens, blocks)
+        return Route(m.machine_id, m.machine_id, blocks)
 
     def fits_anywhere(self, num_tokens: int) -> bool:
         return any(m.blocks_for(num_tokens) <= m.kv_total_blocks and num_tokens <= m.max_model_len
@@ -114,3 +145,7 @@ class Router:
                         borrowed.append(self.pools.borrow(m.machine_id))
                     return m
         return None
+
+
+def _total_key(m: Machine) -> tuple[int, str]:
+    return (m.pending_prompt_tokens + m.pending_decode_tokens, m.machine_id)

@@ -56,6 +56,8 @@ def assert_indexes_consistent(pools: Pools) -> None:
         live = [m for m in pools.machines.values() if m.role == pool and not m.draining]
         assert list(pools._by_prompt[pool]) == sorted((m.pending_prompt_tokens, m.machine_id) for m in live)
         assert list(pools._by_decode[pool]) == sorted((m.pending_decode_tokens, m.machine_id) for m in live)
+        assert list(pools._by_total[pool]) == sorted(
+            (m.pending_prompt_tokens + m.pending_decode_tokens, m.machine_id) for m in live)
     for m in pools.machines.values():
         assert m.home in (Pool.PROMPT, Pool.TOKEN)
         assert m.pending_prompt_tokens >= 0 and m.prompt_queue_len >= 0 and m.pending_decode_tokens >= 0
@@ -174,6 +176,50 @@ def test_jsq_matches_brute_force_under_skewed_random_load():
             pools.return_idle()
     assert num_borrowed == pools.num_borrowed > 0  # the load was skewed enough to borrow
     assert_indexes_consistent(pools)
+
+
+def reference_colocated(pools: Pools, num_tokens: int, exclude=frozenset()) -> str:
+    """The colocated policy as a linear scan: least pending prompt + decode tokens among machines
+    with free memory for the request, else among those that could ever hold it."""
+    live = [m for m in pools.machines.values() if not m.draining and m.machine_id not in exclude
+            and m.blocks_for(num_tokens) <= m.kv_total_blocks]
+    key = lambda m: (m.pending_prompt_tokens + m.pending_decode_tokens, m.machine_id)  # noqa: E731
+    free = [m for m in live if m.blocks_for(num_tokens) <= m.kv_free_blocks]
+    return min(free or live, key=key).machine_id
+
+
+def test_colocated_routing_matches_brute_force_and_never_borrows():
+    rng = random.Random(11)
+    pools = make_pools(10, 14, kv_blocks=600)
+    router = Router(pools, colocated=True)
+    ids = list(pools.machines)
+    for mid in ids:
+        random_report(pools, mid, rng)
+    inflight = []
+    for step in range(1500):
+        if step % 40 == 0:
+            for mid in rng.sample(ids, 6):
+                random_report(pools, mid, rng)
+        if step % 300 == 150:
+            pools.set_draining(rng.choice(ids), rng.random() < 0.7)
+        prompt_len, max_tokens = rng.choice([16, 300, 1500, 4000]), rng.choice([1, 64, 512, 2048])
+        exclude = frozenset(rng.sample(ids, 2)) if rng.random() < 0.1 else frozenset()
+        want = reference_colocated(pools, prompt_len + max_tokens, exclude)
+        r = router.route(prompt_len, max_tokens, exclude)
+        assert r.colocated and r.prompt_machine == want and not r.borrowed, step
+        inflight.append((r, prompt_len, max_tokens))
+        if rng.random() < 0.5:
+            done, n, k = inflight.pop(rng.randrange(len(inflight)))
+            pools.credit_prompt(done.prompt_machine, n)
+            pools.credit_decode(done.token_machine, k, done.num_blocks)
+    assert pools.num_borrowed == 0 and all(m.role == m.home for m in pools.machines.values())
+    assert_indexes_consistent(pools)
+    with pytest.raises(NoMachine, match="can hold"):
+        router.route(600 * BLOCK_SIZE, 1)
+    for mid in ids:
+        pools.set_draining(mid, True)
+    with pytest.raises(NoMachine, match="no machine is available"):
+        router.route(10, 10)
 
 
 def test_successive_decisions_spread_the_load():
