@@ -6,7 +6,10 @@ Life cycle of a request inside one engine:
 3. Either `prefill` computes its prompt (optionally handing each layer's K/V to an export hook
    while later layers still run) and samples the first token, or, on a token machine,
    `import_kv_layer` writes K/V computed elsewhere and `finish_import` adds the first token.
-4. `decode` runs continuous-batch steps; requests join and leave between any two steps.
+4. `decode` runs continuous-batch steps; requests join and leave between any two steps. `step`
+   is the mixed step of chunked prefill: the decode rows of running requests and chunks of
+   prompts in one forward pass, a long prompt computed over several steps (`num_computed_tokens`
+   says how far it got) while the others keep decoding.
 5. A stop token, max_tokens or the context limit finishes it and frees its blocks; `abort` and
    `free` free them at any other time. Every path ends with the blocks back in the pool.
 
@@ -123,64 +126,44 @@ class Engine:
         for s in seqs:
             if s.status.finished or s.num_computed_tokens >= s.prompt_len:
                 raise InvalidRequestError(f"request {s.request_id} has no prompt left to prefill")
-        self._ensure_blocks(seqs, [s.prompt_len for s in seqs])
-        ids, positions, slots, slices, last = [], [], [], [], []
-        offset = 0
-        for s in seqs:
-            start, end = s.num_computed_tokens, s.prompt_len
-            ids += s.prompt_token_ids[start:end]
-            positions += range(start, end)
-            slots.append(self.kv.slots(s.block_table, start, end))
-            slices.append(PrefillSlice(offset, end - start, start,
-                                       self.kv.slots(s.block_table, 0, end) if start else None))
-            offset += end - start
-            last.append(offset - 1)
-        meta = AttentionMetadata(slot_mapping=torch.cat(slots).to(self.device), prefill=slices)
-        hook = None
-        if kv_export is not None:
-            def hook(layer: int, kv: torch.Tensor) -> None:
-                kv_export(layer, [(s, kv[sl.query_start:sl.query_start + sl.query_len].contiguous())
-                                  for s, sl in zip(seqs, slices)])
-        hidden = self.model.forward(self._tensor(ids), self._tensor(positions), meta,
-                                    self.kv.tensor, hook)
-        for s in seqs:
-            s.num_computed_tokens = s.prompt_len
-            s.status = SeqStatus.RUNNING
-        return self._sample_and_update(seqs, hidden[last])
+        self._check_distinct(seqs)
+        chunks = [(s, s.prompt_len - s.num_computed_tokens) for s in seqs]
+        return self._forward_step([], chunks, kv_export)  # type: ignore[return-value]
 
     def decode(self, seqs: list[Sequence]) -> list[int]:
         """One token for each running request."""
         if not seqs:
             return []
-        for s in seqs:
-            if s.status != SeqStatus.RUNNING or s.num_computed_tokens != s.num_tokens - 1:
-                raise InvalidRequestError(f"request {s.request_id} is not ready to decode ({s})")
-        self._ensure_blocks(seqs, [s.num_tokens for s in seqs])
-        bs = self.kv.block_size
-        ctx_lens = [s.num_tokens for s in seqs]
-        max_len = max(ctx_lens)
-        width = -(-max_len // bs)
-        tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width]))
-                               for s in seqs], dtype=torch.int64)  # [B, blocks]
-        pos = torch.arange(max_len)
-        gather = tables[:, pos // bs] * bs + pos % bs  # [B, L]
-        lens = torch.tensor(ctx_lens)
-        positions = lens - 1
-        slot_mapping = gather[torch.arange(len(seqs)), positions]
-        mask = None
-        if min(ctx_lens) != max_len:
-            valid = pos[None, :] < lens[:, None]  # [B, L]
-            # Padded positions read the request's own newest slot, never unwritten memory: the
-            # cache is torch.empty, and a NaN there would survive the mask (0 * NaN = NaN in P @ V).
-            gather = torch.where(valid, gather, slot_mapping[:, None])
-            mask = valid[:, None, None, :].to(self.device)
-        meta = AttentionMetadata(slot_mapping=slot_mapping.to(self.device),
-                                 decode_slots=gather.to(self.device), decode_mask=mask)
-        ids = self._tensor([s.last_token_id for s in seqs])
-        hidden = self.model.forward(ids, positions.to(self.device), meta, self.kv.tensor)
-        for s in seqs:
-            s.num_computed_tokens = s.num_tokens
-        return self._sample_and_update(seqs, hidden)
+        self._check_decode(seqs)
+        self._check_distinct(seqs)
+        return self._forward_step(seqs, [], None)  # type: ignore[return-value]
+
+    def step(self, decode_seqs: list[Sequence], chunks: list[tuple[Sequence, int]],
+             max_num_tokens: int | None = None) -> list[int | None]:
+        """One mixed forward pass (chunked prefill): a token for each running request in
+        `decode_seqs`, plus the next `n` prompt tokens of each `(seq, n)` in `chunks`.
+
+        A chunk continues its prompt from `num_computed_tokens` and attends its cached context and
+        itself, causally. Returns one entry per decode request, then one per chunk, in order: the
+        sampled token, or None for a chunk that leaves part of its prompt uncomputed (a request
+        gets its first token in the step that computes its last prompt token). Blocks grow to what
+        the step writes, all-or-nothing across the batch. `max_num_tokens` is the caller's
+        per-step token budget: a step of more tokens is refused before anything runs.
+        """
+        self._check_decode(decode_seqs)
+        for s, n in chunks:
+            left = s.prompt_len - s.num_computed_tokens
+            if s.status != SeqStatus.WAITING or not isinstance(n, int) or not 0 < n <= left:
+                raise InvalidRequestError(f"request {s.request_id}: a chunk of {n} prompt tokens, "
+                                          f"{left} left to prefill ({s})")
+        self._check_distinct([*decode_seqs, *(s for s, _ in chunks)])
+        num_tokens = len(decode_seqs) + sum(n for _, n in chunks)
+        if max_num_tokens is not None and num_tokens > max_num_tokens:
+            raise InvalidRequestError(f"step of {num_tokens} tokens exceeds the budget of "
+                                      f"{max_num_tokens}")
+        if not num_tokens:
+            return []
+        return self._forward_step(decode_seqs, chunks, None)
 
     # -- KV import (token machine side) -----------------------------------------------------
 
@@ -233,6 +216,95 @@ class Engine:
             raise KVCacheExhausted(need, self.kv.pool.num_free_blocks, self.kv.num_blocks)
         for s, n in zip(seqs, num_tokens):
             self.kv.grow(s.block_table, n)
+
+    def _check_decode(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            if s.status != SeqStatus.RUNNING or s.num_computed_tokens != s.num_tokens - 1:
+                raise InvalidRequestError(f"request {s.request_id} is not ready to decode ({s})")
+
+    @staticmethod
+    def _check_distinct(seqs: list[Sequence]) -> None:
+        if len({id(s) for s in seqs}) != len(seqs):
+            raise InvalidRequestError("a request appears twice in one step")
+
+    def _forward_step(self, decode_seqs: list[Sequence], chunks: list[tuple[Sequence, int]],
+                      kv_export: KVExportHook | None) -> list[int | None]:
+        """The one forward pass behind prefill, decode and step (arguments already checked).
+
+        Flat batch layout: the B decode rows first, then each chunk's tokens."""
+        chunk_seqs = [s for s, _ in chunks]
+        ends = [s.num_computed_tokens + n for s, n in chunks]
+        self._ensure_blocks([*decode_seqs, *chunk_seqs], [s.num_tokens for s in decode_seqs] + ends)
+        meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64))
+        ids, positions, slots = [], [], []
+        b = len(decode_seqs)
+        if decode_seqs:
+            d_slots, meta.decode_slots, meta.decode_mask = self._decode_reads(decode_seqs)
+            ids.append(torch.tensor([s.last_token_id for s in decode_seqs], dtype=torch.int64))
+            positions.append(torch.tensor([s.num_tokens - 1 for s in decode_seqs], dtype=torch.int64))
+            slots.append(d_slots)
+        if chunks:
+            c_ids, c_pos, meta.prefill, last = [], [], [], []
+            offset = b
+            for s, end in zip(chunk_seqs, ends):
+                start = s.num_computed_tokens
+                c_ids += s.prompt_token_ids[start:end]
+                c_pos += range(start, end)
+                slots.append(self.kv.slots(s.block_table, start, end))
+                meta.prefill.append(PrefillSlice(
+                    offset, end - start, start,
+                    self.kv.slots(s.block_table, 0, end).to(self.device) if start else None))
+                offset += end - start
+                last.append(offset - 1)
+            ids.append(torch.tensor(c_ids, dtype=torch.int64))
+            positions.append(torch.tensor(c_pos, dtype=torch.int64))
+        meta.slot_mapping = torch.cat(slots).to(self.device)
+        hook = None
+        if kv_export is not None:
+            def hook(layer: int, kv: torch.Tensor) -> None:
+                kv_export(layer, [(s, kv[sl.query_start:sl.query_start + sl.query_len].contiguous())
+                                  for s, sl in zip(chunk_seqs, meta.prefill)])
+        hidden = self.model.forward(torch.cat(ids).to(self.device),
+                                    torch.cat(positions).to(self.device), meta, self.kv.tensor, hook)
+        for s in decode_seqs:
+            s.num_computed_tokens = s.num_tokens
+        done = [i for i, (s, end) in enumerate(zip(chunk_seqs, ends)) if end == s.prompt_len]
+        for s, end in zip(chunk_seqs, ends):
+            s.num_computed_tokens = end
+            if end == s.prompt_len:
+                s.status = SeqStatus.RUNNING
+        if not chunks:
+            rows = hidden  # decode only: every row is sampled
+        else:
+            index = list(range(b)) + [last[i] for i in done]
+            rows = hidden[torch.tensor(index, device=self.device)]
+        tokens = self._sample_and_update([*decode_seqs, *(chunk_seqs[i] for i in done)], rows)
+        out: list[int | None] = tokens[:b] + [None] * len(chunks)
+        for i, t in zip(done, tokens[b:]):
+            out[b + i] = t
+        return out
+
+    def _decode_reads(self, seqs: list[Sequence]):
+        """For decode rows: the slot of each new token [B], the slots each query reads [B, L]
+        (padded to the longest context) and the padding mask [B, 1, 1, L] (None if none)."""
+        bs = self.kv.block_size
+        ctx_lens = [s.num_tokens for s in seqs]
+        max_len = max(ctx_lens)
+        width = -(-max_len // bs)
+        tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width]))
+                               for s in seqs], dtype=torch.int64)  # [B, blocks]
+        pos = torch.arange(max_len)
+        gather = tables[:, pos // bs] * bs + pos % bs  # [B, L]
+        lens = torch.tensor(ctx_lens)
+        slot_mapping = gather[torch.arange(len(seqs)), lens - 1]
+        mask = None
+        if min(ctx_lens) != max_len:
+            valid = pos[None, :] < lens[:, None]  # [B, L]
+            # Padded positions read the request's own newest slot, never unwritten memory: the
+            # cache is torch.empty, and a NaN there would survive the mask (0 * NaN = NaN in P @ V).
+            gather = torch.where(valid, gather, slot_mapping[:, None])
+            mask = valid[:, None, None, :].to(self.device)
+        return slot_mapping, gather.to(self.device), mask
 
     def _sample_and_update(self, seqs: list[Sequence], hidden: torch.Tensor) -> list[int]:
         logits = self.model.logits(hidden)

@@ -31,8 +31,10 @@ class PrefillSlice:
 
 @dataclass
 class AttentionMetadata:
+    """A step may hold decode rows, prefill slices or both (a mixed step, chunked prefill): the
+    B decode rows come first in the flat batch, at [0, B), the prefill slices after them."""
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    prefill: list[PrefillSlice] | None = None  # set for prefill steps
+    prefill: list[PrefillSlice] | None = None  # prompt (chunk) slices; None in decode-only steps
     decode_slots: torch.Tensor | None = None  # [B, L] slots each decode query reads (padded)
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool, True = attend; None if no padding
 
@@ -66,10 +68,7 @@ class LlamaModel:
             if kv_hook is not None:
                 kv_hook(i, kv)
             q = qkv[:, :q_size].view(n_tok, nh, d)
-            if meta.prefill is not None:
-                attn = _prefill_attention(q, kv, layer_cache, meta.prefill)
-            else:
-                attn = _decode_attention(q, layer_cache, meta)
+            attn = _attention(q, kv, layer_cache, meta)
             residual = residual + lw.o(attn)
             x = F.rms_norm(residual, hidden_shape, lw.post_norm, eps)
             gate_up = lw.gate_up(x)  # [T, 2I]
@@ -97,11 +96,25 @@ class LlamaModel:
         return cand.gather(1, exact.argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
-def _prefill_attention(q: torch.Tensor, kv: torch.Tensor, layer_cache: torch.Tensor,
-                       slices: list[PrefillSlice]) -> torch.Tensor:
-    """Causal attention per request over its own tokens. q: [T, nh, d]; kv: [T, 2, nkv, d]."""
+def _attention(q: torch.Tensor, kv: torch.Tensor, layer_cache: torch.Tensor,
+               meta: AttentionMetadata) -> torch.Tensor:
+    """q: [T, nh, d] -> [T, nh * d]: decode rows [0, B) batched, then each prefill slice."""
+    if meta.prefill is None:
+        return _decode_attention(q, layer_cache, meta)
     n_tok, nh, d = q.shape
     out = torch.empty(n_tok, nh * d, dtype=q.dtype, device=q.device)
+    if meta.decode_slots is not None:
+        b = meta.decode_slots.shape[0]
+        out[:b] = _decode_attention(q[:b], layer_cache, meta)
+    _prefill_attention(q, kv, layer_cache, meta.prefill, out)
+    return out
+
+
+def _prefill_attention(q: torch.Tensor, kv: torch.Tensor, layer_cache: torch.Tensor,
+                       slices: list[PrefillSlice], out: torch.Tensor) -> None:
+    """Causal attention per request over its cached context and its own new tokens, written into
+    out's rows of each slice. q: [T, nh, d]; kv: [T, 2, nkv, d]; out: [T, nh * d]."""
+    nh, d = q.shape[1], q.shape[2]
     for s in slices:
         lo, hi = s.query_start, s.query_start + s.query_len
         qi = q[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, nh, n, d]
@@ -119,7 +132,6 @@ def _prefill_attention(q: torch.Tensor, kv: torch.Tensor, layer_cache: torch.Ten
         oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=causal,
                                             enable_gqa=True)  # [1, nh, n, d]
         out[lo:hi] = oi[0].transpose(0, 1).reshape(hi - lo, nh * d)
-    return out
 
 
 def _decode_attention(q: torch.Tensor, layer_cache: torch.Tensor,
