@@ -5,9 +5,10 @@ a plan dataclass comes out, results go back in.
 """
 
 from mls.policy.common import BlockBudget, Job, QueueFull, blocks_for_tokens
-from mls.policy.mixed import MixedPlan, MixedScheduler
+from mls.policy.mixed import MIXED_POLICIES, MixedPlan, MixedScheduler, PromptChunk
 from mls.policy.prompt import PromptBatch, PromptScheduler
 from mls.policy.token import TokenPlan, TokenScheduler
 
 __all__ = ["BlockBudget", "Job", "QueueFull", "blocks_for_tokens", "PromptBatch", "PromptScheduler",
-           "TokenPlan", "TokenScheduler", "MixedPlan", "MixedScheduler"]
+           "TokenPlan", "TokenScheduler", "MixedPlan", "MixedScheduler", "MIXED_POLICIES",
+           "PromptChunk"]
