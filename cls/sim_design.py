@@ -5,6 +5,8 @@
 2. `build()` turns it into what the simulator takes: a `ClusterDesign` (KV blocks per machine
    from the model shape and the hardware's memory) and a latency model (Splitwise's profile CSV,
    read at run time, or the roofline when `profile` is null).
+3. `reference_latency()` is the machine SLOs are measured against (Splitwise: one uncontended
+   request on a DGX-A100), from the same profile (or roofline).
 """
 
 from __future__ import annotations
@@ -43,10 +45,21 @@ class SimDesignConfig:
     prompt_token_cap: int = 2048
     prompt_queue_limit_tokens: int = 8192
     kv_memory_fraction: float = 0.9
+    colocated: bool = False
+    """Every machine runs both phases (the baseline); num_prompt + num_token machines in all."""
+    max_batch_size: int = 256
+    reference_hardware: str = "a100-80gb"
+    reference_tensor_parallel: int = 8
 
     def __post_init__(self) -> None:
         if self.hardware not in HARDWARE:
             raise ConfigError(f"hardware must be one of {sorted(HARDWARE)}, got {self.hardware!r}")
+        if self.reference_hardware not in HARDWARE:
+            raise ConfigError(f"reference_hardware must be one of {sorted(HARDWARE)}, got "
+                              f"{self.reference_hardware!r}")
+        for key in ("max_batch_size", "reference_tensor_parallel", "block_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.link not in LINKS:
             raise ConfigError(f"link must be one of {sorted(LINKS)}, got {self.link!r}")
         for key in ("num_prompt", "num_token"):
@@ -72,11 +85,19 @@ class SimDesignConfig:
             prompt_token_cap=self.prompt_token_cap,
             prompt_queue_limit_tokens=self.prompt_queue_limit_tokens, model_shape=shape,
             link_bytes_s=LINKS[self.link], layerwise_transfer=self.layerwise_transfer,
-            tensor_parallel=self.tensor_parallel)
+            tensor_parallel=self.tensor_parallel, colocated=self.colocated,
+            max_batch_size=self.max_batch_size)
+        return design, self._latency(shape, self.hardware, self.tensor_parallel)
+
+    def reference_latency(self) -> LatencyModel:
+        return self._latency(get_shape(self.model), self.reference_hardware,
+                             self.reference_tensor_parallel)
+
+    def _latency(self, shape, hardware: str, tensor_parallel: int) -> LatencyModel:
         if self.profile is None:
-            return design, RooflineLatencyModel(shape, self.hardware, self.tensor_parallel)
+            return RooflineLatencyModel(shape, hardware, tensor_parallel)
         if not Path(self.profile).is_file():
             raise ConfigError(f"profile: {self.profile} not found (run from the repository root, with "
                               "../shared beside it, or set profile: null for the roofline)")
-        return design, ProfileLatencyModel.from_csv(self.profile, model=self.model, hardware=self.hardware,
-                                                    tensor_parallel=self.tensor_parallel)
+        return ProfileLatencyModel.from_csv(self.profile, model=self.model, hardware=hardware,
+                                            tensor_parallel=tensor_parallel)

@@ -12,7 +12,8 @@ latency model gives each step's time, `kv_transfer_s` the KV transfer's). Life c
 3. Prefill step ends: the router is credited the prompt (the prompt machine may return home);
    disaggregated, the first token exists once the KV has arrived (`kv_transfer_s` after the
    prefill's end), and the request joins the token machine's decode batch.
-4. Each decode step gives every running request one token; the router is credited per token.
+4. Each decode step gives every running request one token; the router is credited the step's
+   tokens at once (what per-token credits would leave before the next decision).
 5. Finish (output_len tokens): the blocks go back, the router is credited the request's blocks
    (the token machine may return home), and queued requests may be admitted.
 A machine runs one step at a time: a prefill batch if it has prompts (prompts first, as the mixed
@@ -23,7 +24,11 @@ from __future__ import annotations
 
 import heapq
 import statistics
-from dataclasses import dataclass, field
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 
 from cls.pools import Pool, PoolMove, Pools
 from cls.router import NoMachine, Router
@@ -50,6 +55,9 @@ class ClusterDesign:
     link_bytes_s: float = LINKS["infiniband-400g"]
     layerwise_transfer: bool = True
     tensor_parallel: int = 1
+    colocated: bool = False
+    """Every machine runs both phases of each request it gets (the colocated baseline: the
+    router's colocated mode, the machine's mixed policy, no KV transfer)."""
 
     def __post_init__(self):
         if self.num_prompt < 0 or self.num_token < 0 or self.num_prompt + self.num_token < 1:
@@ -57,6 +65,10 @@ class ClusterDesign:
                              f"num_prompt={self.num_prompt} num_token={self.num_token}")
         if self.kv_blocks_per_machine < 1 or self.block_size < 1:
             raise ValueError("kv_blocks_per_machine and block_size must be >= 1")
+
+    @property
+    def num_machines(self) -> int:
+        return self.num_prompt + self.num_token
 
 
 @dataclass
@@ -69,40 +81,60 @@ class RequestRecord:
     token_machine: str = ""
     num_blocks: int = 0
     colocated: bool = False
-    token_times_s: list[float] = field(default_factory=list)
+    token_times_s: list[float] | None = None
+    """Every token's time; kept only when the simulator is asked to (memory at scale)."""
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    num_tokens: int = 0
+    max_tbt_s: float = 0.0
     finish_s: float | None = None
 
     @property
     def ttft_s(self) -> float:
-        return self.token_times_s[0] - self.arrival_s
+        return self.first_token_s - self.arrival_s
 
     @property
     def tbts_s(self) -> list[float]:
+        if self.token_times_s is None:
+            raise ValueError("token times were not kept (Simulator(keep_token_times=True))")
         t = self.token_times_s
         return [b - a for a, b in zip(t, t[1:])]
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first; None for a one-token request."""
+        if self.num_tokens < 2:
+            return None
+        return (self.last_token_s - self.first_token_s) / (self.num_tokens - 1)
 
     @property
     def e2e_s(self) -> float:
         return self.finish_s - self.arrival_s
 
 
-def percentile(values: list[float], p: float) -> float:
+def percentile(values, p: float) -> float:
     """Linear interpolation between closest ranks (numpy's default); NaN for no values."""
-    if not values:
+    if len(values) == 0:
         return float("nan")
-    s = sorted(values)
-    k = (len(s) - 1) * p / 100
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    return float(np.percentile(np.asarray(values, dtype=np.float64), p))
 
 
 @dataclass
 class SimResult:
     requests: list[RequestRecord]
     rejected: list[str]
-    borrow_events: list[tuple[float, PoolMove]]
+    pool_events: list[tuple[float, PoolMove]]
+    """Every pool move in time order: borrows into the mixed pool and returns home."""
     end_s: float
+    tbt_gaps_s: array
+    """Every gap between two consecutive tokens of one request, of all requests."""
+    busy_s: dict[str, float]
+    """Per machine, the virtual seconds it spent running steps."""
+    initial_roles: dict[str, Pool]
+
+    @property
+    def borrow_events(self) -> list[tuple[float, PoolMove]]:
+        return [(t, m) for t, m in self.pool_events if m.to_pool == Pool.MIXED]
 
     @property
     def finished(self) -> list[RequestRecord]:
@@ -112,10 +144,30 @@ class SimResult:
         return percentile([r.ttft_s for r in self.finished], p)
 
     def tbt_s(self, p: float) -> float:
-        return percentile([t for r in self.finished for t in r.tbts_s], p)
+        return percentile(np.frombuffer(self.tbt_gaps_s, dtype=np.float64), p)
 
     def e2e_s(self, p: float) -> float:
         return percentile([r.e2e_s for r in self.finished], p)
+
+    def utilization(self) -> dict[str, float]:
+        """Per machine, the share of the run's virtual time it was busy."""
+        return {mid: (b / self.end_s if self.end_s > 0 else 0.0) for mid, b in self.busy_s.items()}
+
+    def pool_sizes(self) -> list[tuple[float, dict[str, int]]]:
+        """(time, machines per pool) at the start and after every pool move."""
+        roles = dict(self.initial_roles)
+
+        def count() -> dict[str, int]:
+            out = {str(p): 0 for p in Pool}
+            for role in roles.values():
+                out[str(role)] += 1
+            return out
+
+        timeline = [(0.0, count())]
+        for t, move in self.pool_events:
+            roles[move.machine_id] = move.to_pool
+            timeline.append((t, count()))
+        return timeline
 
     def summary(self) -> dict[str, float]:
         out: dict[str, float] = {"num_finished": len(self.finished), "num_rejected": len(self.rejected),
@@ -124,7 +176,10 @@ class SimResult:
             out[f"ttft_p{p}_s"], out[f"tbt_p{p}_s"] = self.ttft_s(p), self.tbt_s(p)
             out[f"e2e_p{p}_s"] = self.e2e_s(p)
         if self.finished:
-            out["mean_tbt_s"] = statistics.fmean(t for r in self.finished for t in r.tbts_s or [0.0])
+            out["mean_tbt_s"] = float(np.mean(self.tbt_gaps_s)) if len(self.tbt_gaps_s) else 0.0
+        util = list(self.utilization().values())
+        if util:
+            out["mean_utilization"] = statistics.fmean(util)
         return out
 
 
@@ -140,6 +195,7 @@ class _Machine:
         self.mixed = MixedScheduler(d.kv_blocks_per_machine, d.block_size, d.prompt_token_cap,
                                     d.max_batch_size, _UNBOUNDED_QUEUE, budget)
         self.busy = False
+        self.busy_s = 0.0
 
 
 @dataclass(frozen=True)
@@ -154,38 +210,54 @@ class _Step:
 
 
 class Simulator:
-    def __init__(self, design: ClusterDesign, latency_model: LatencyModel, seed: int = 0):
-        """`seed` is kept for randomized policies to come; today every step is deterministic."""
+    def __init__(self, design: ClusterDesign, latency_model: LatencyModel, seed: int = 0,
+                 keep_token_times: bool = True):
+        """`seed` is kept for randomized policies to come; today every step is deterministic.
+        `keep_token_times` keeps every token's time per request (tests); at scale only each
+        request's first/last token and the global list of token gaps are kept."""
         self.design, self.latency, self.seed = design, latency_model, seed
+        self.keep_token_times = keep_token_times
 
-    def run(self, arrivals: list[Arrival]) -> SimResult:
-        """Replays `arrivals` (sorted by time here) to the end of the last request."""
+    def run(self, arrivals: list[Arrival],
+            progress: Callable[[int], None] | None = None) -> SimResult:
+        """Replays `arrivals` (sorted by time here) to the end of the last request. `progress`
+        is called with the number of arrivals routed so far, now and then."""
         d = self.design
         self.pools = Pools()
-        self.router = Router(self.pools, d.prompt_queue_limit_tokens)
+        self.router = Router(self.pools, d.prompt_queue_limit_tokens, colocated=d.colocated)
         self.machines: dict[str, _Machine] = {}
         for home, n in ((Pool.PROMPT, d.num_prompt), (Pool.TOKEN, d.num_token)):
             for i in range(n):
                 mid = f"{home}-{i}"
                 self.pools.add(mid, home, d.kv_blocks_per_machine, d.block_size, d.max_model_len)
                 self.machines[mid] = _Machine(mid, d)
+        initial_roles = {mid: m.role for mid, m in self.pools.machines.items()}
         self.records: dict[str, RequestRecord] = {}
         self.rejected: list[str] = []
-        self.borrow_events: list[tuple[float, PoolMove]] = []
+        self.pool_events: list[tuple[float, PoolMove]] = []
+        self.tbt_gaps = array("d")
         self._events: list[tuple] = []
         self._seq = 0
         self.now = 0.0
         for i, a in enumerate(sorted(arrivals, key=lambda a: a.arrival_s)):
             self._push(a.arrival_s, _ARRIVAL, (f"r{i}", a))
+        num_arrived = 0
         while self._events:  # the event loop: pop -> update -> schedule the next steps
             self.now, _, kind, payload = heapq.heappop(self._events)
             if kind == _ARRIVAL:
                 self._arrive(*payload)
+                num_arrived += 1
+                if progress is not None and num_arrived % 1000 == 0:
+                    progress(num_arrived)
             elif kind == _STEP_DONE:
                 self._step_done(*payload)
             else:
                 self._kv_ready(*payload)
-        return SimResult(list(self.records.values()), self.rejected, self.borrow_events, self.now)
+        if progress is not None:
+            progress(num_arrived)
+        return SimResult(list(self.records.values()), self.rejected, self.pool_events, self.now,
+                         self.tbt_gaps, {mid: m.busy_s for mid, m in self.machines.items()},
+                         initial_roles)
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -199,10 +271,11 @@ class Simulator:
         except NoMachine:
             self.rejected.append(request_id)
             return
-        self.borrow_events += [(self.now, move) for move in route.borrowed]
+        self.pool_events += [(self.now, move) for move in route.borrowed]
         self.records[request_id] = RequestRecord(
             request_id, a.arrival_s, a.prompt_len, a.output_len, route.prompt_machine,
-            route.token_machine, route.num_blocks, route.colocated)
+            route.token_machine, route.num_blocks, route.colocated,
+            [] if self.keep_token_times else None)
         job = Job(request_id, a.prompt_len, a.output_len, arrival_s=a.arrival_s)
         m = self.machines[route.token_machine]
         if route.colocated:
@@ -225,6 +298,7 @@ class Simulator:
         step = self._schedule(m)
         if step is not None:
             m.busy = True
+            m.busy_s += step.duration_s
             self._push(self.now + step.duration_s, _STEP_DONE, (m, step))
 
     def _schedule(self, m: _Machine) -> _Step | None:
@@ -245,11 +319,13 @@ class Simulator:
         return _Step([], False, decode_token, plan.decode, self.latency.decode_s(len(jobs), context))
 
     def _step_done(self, m: _Machine, step: _Step) -> None:
+        finished: list[tuple[TokenScheduler | MixedScheduler, RequestRecord]] = []
+        num_tokens = 0
         for job in step.prefill:
             self.pools.credit_prompt(m.machine_id, job.prompt_len)
             self._return_idle(m.machine_id)
             if step.mixed_prefill:  # colocated: the prefill's token is the first token
-                self._token(m.mixed, job.request_id)
+                num_tokens += self._token(m.mixed, job.request_id, finished)
             else:
                 r = self.records[job.request_id]
                 shape = self.design.model_shape
@@ -258,28 +334,52 @@ class Simulator:
                     step.duration_s, self.design.tensor_parallel)
                 self._push(self.now + transfer_s, _KV_READY, (self.machines[r.token_machine], job))
         for request_id in step.decode_token:
-            self._token(m.token, request_id)
+            num_tokens += self._token(m.token, request_id, finished)
         for request_id in step.decode_mixed:
-            self._token(m.mixed, request_id)
+            num_tokens += self._token(m.mixed, request_id, finished)
+        # One credit for the step's tokens (all on this machine): the router's state after the
+        # event is what per-token credits would leave, at a fraction of the sorted-list updates.
+        if num_tokens:
+            self.pools.credit_decode(m.machine_id, num_tokens)
+        self._finish(finished)
         m.busy = False  # only now: the next step must see every update of this one
         self._kick(m)
 
     def _kv_ready(self, m: _Machine, job: Job) -> None:
         m.token.kv_ready(job.request_id)
-        self._token(m.token, job.request_id)
+        finished: list = []
+        self.pools.credit_decode(m.machine_id, self._token(m.token, job.request_id, finished))
+        self._finish(finished)
         self._kick(m)
 
     # -- request progress -----------------------------------------------------------------------
 
-    def _token(self, policy: TokenScheduler | MixedScheduler, request_id: str) -> None:
-        """One token of `request_id` exists now; the router is credited as clsd credits it."""
+    def _token(self, policy: TokenScheduler | MixedScheduler, request_id: str,
+               finished: list) -> int:
+        """One token of `request_id` exists now. Returns 1, the decode work to credit."""
         r = self.records[request_id]
         policy.token_generated(request_id)
-        r.token_times_s.append(self.now)
-        self.pools.credit_decode(r.token_machine, 1)
-        if len(r.token_times_s) == r.output_len:
+        now = self.now
+        if r.num_tokens == 0:
+            r.first_token_s = now
+        else:
+            gap = now - r.last_token_s
+            self.tbt_gaps.append(gap)
+            if gap > r.max_tbt_s:
+                r.max_tbt_s = gap
+        r.last_token_s = now
+        r.num_tokens += 1
+        if r.token_times_s is not None:
+            r.token_times_s.append(now)
+        if r.num_tokens == r.output_len:
+            finished.append((policy, r))
+        return 1
+
+    def _finish(self, finished: list) -> None:
+        """Finished requests give back their blocks; queued requests may be admitted."""
+        for policy, r in finished:
             r.finish_s = self.now
-            policy.release(request_id)
+            policy.release(r.request_id)
             self.pools.credit_decode(r.token_machine, 0, r.num_blocks)
             self._return_idle(r.token_machine)
             m = self.machines[r.token_machine]
@@ -288,4 +388,4 @@ class Simulator:
 
     def _return_idle(self, machine_id: str) -> None:
         if self.pools.get(machine_id).role == Pool.MIXED:
-            self.pools.return_idle(machine_id)
+            self.pool_events += [(self.now, move) for move in self.pools.return_idle(machine_id)]
