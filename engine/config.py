@@ -30,6 +30,9 @@ class EngineConfig:
     num_threads: int | None = None
     skip_tokenizer_init: bool = False
     seed: int = 0
+    kv_cache_shared_memory: bool = False
+    """Allocate the KV cache in a named file under /dev/shm (CPU only), so that a same-host KV
+    sender (transport shm) writes straight into reserved blocks; unlinked when the engine exits."""
 
     def __post_init__(self) -> None:
         if not Path(self.model).is_dir():
@@ -42,6 +45,8 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError("kv_cache_bytes must be positive")
+        if self.kv_cache_shared_memory and self.torch_device.type != "cpu":
+            raise ValueError(f"kv_cache_shared_memory needs device cpu, got {self.device!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

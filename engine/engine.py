@@ -60,7 +60,8 @@ class Engine:
             bytes_per_block=bytes_per_block,
             max_useful_blocks=config.max_num_seqs * -(-self.max_model_len // config.block_size))
         self.kv = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads,
-                          mc.head_dim, self.dtype, self.device)
+                          mc.head_dim, self.dtype, self.device,
+                          shared_memory=config.kv_cache_shared_memory)
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)

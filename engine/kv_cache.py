@@ -5,11 +5,18 @@ Layout of the cache tensor: [num_layers, num_blocks * block_size, 2, num_kv_head
 A token at position p of a request whose block table is `bt` lives at slot
 `bt[p // block_size] * block_size + p % block_size`; index 0 of the third axis is K, 1 is V.
 Block ids are private to one engine: they never appear in anything exported.
+With `shared_memory=True` (CPU only) the tensor lives in a named file under /dev/shm
+(engine/shared_memory.py) so a same-host KV sender can write into reserved blocks directly; the
+file is unlinked by `close()`, garbage collection or process exit.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from engine.shared_memory import SharedSegment
 
 
 class KVCacheExhausted(RuntimeError):
@@ -62,16 +69,30 @@ class KVCache:
     """The cache tensor plus the block pool; owns slot arithmetic for block tables."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device):
+                 head_dim: int, dtype: torch.dtype, device: torch.device,
+                 shared_memory: bool = False):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
-        # [layers, slots, 2 (K, V), kv_heads, head_dim]; torch.empty does not touch the pages.
-        self.tensor = torch.empty(num_layers, num_blocks * block_size, 2, num_kv_heads, head_dim,
-                                  dtype=dtype, device=device)
+        shape = (num_layers, num_blocks * block_size, 2, num_kv_heads, head_dim)
+        self.segment: SharedSegment | None = None
+        if shared_memory:
+            if torch.device(device).type != "cpu":
+                raise ValueError(f"a shared-memory KV cache must be on the CPU, not {device}")
+            # Sparse file, mapped: like torch.empty, no page is touched until written.
+            self.segment = SharedSegment(math.prod(shape) * torch.tensor([], dtype=dtype).element_size())
+            self.tensor = self.segment.tensor(shape, dtype)
+        else:
+            # [layers, slots, 2 (K, V), kv_heads, head_dim]; torch.empty does not touch the pages.
+            self.tensor = torch.empty(shape, dtype=dtype, device=device)
 
     @property
     def num_blocks(self) -> int:
         return self.pool.num_blocks
+
+    def close(self) -> None:
+        """Unlinks the shared-memory file, if any (the tensor stays usable in this process)."""
+        if self.segment is not None:
+            self.segment.close()
 
     def blocks_needed(self, block_table: list[int], num_tokens: int) -> int:
         """Blocks to add so that `block_table` covers `num_tokens` tokens."""
