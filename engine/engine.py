@@ -278,8 +278,9 @@ class Engine:
             rows = hidden  # decode only: every row is sampled
         else:
             index = list(range(b)) + [last[i] for i in done]
-            rows = hidden[torch.tensor(index, device=self.device)]
-        tokens = self._sample_and_update([*decode_seqs, *(chunk_seqs[i] for i in done)], rows)
+            rows = hidden[torch.tensor(index, dtype=torch.int64, device=self.device)]
+        sampled = [*decode_seqs, *(chunk_seqs[i] for i in done)]
+        tokens = self._sample_and_update(sampled, rows) if sampled else []
         out: list[int | None] = tokens[:b] + [None] * len(chunks)
         for i, t in zip(done, tokens[b:]):
             out[b + i] = t
