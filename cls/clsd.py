@@ -2,15 +2,16 @@
 
 1. `main()` loads the YAML config and the admin token file, loads the tokenizer (no torch on the
    CLS host), binds the gRPC server (ClientService, AdminService, RegistryService, health), starts
-   the metrics endpoint, prints one READY line (JSON with the bound ports) and tells systemd
-   READY=1.
+   the metrics endpoint and, when `http.port` is set, the OpenAI-compatible HTTP server
+   (cls/openai_http.py, uvicorn as a task in this event loop), prints one READY line (JSON with
+   the bound ports) and tells systemd READY=1.
 2. Machines register and heartbeat (cls/registry.py); clients call Generate (cls/service.py),
    and each request runs through the Dispatcher (cls/requests.py).
 3. While serving, a watchdog task sends WATCHDOG=1 as long as the event loop turns, and a
    metrics task refreshes pool gauges once a second.
-4. SIGTERM/SIGINT only set an event. Drain: health NOT_SERVING, STOPPING=1, new requests get
-   UNAVAILABLE, in-flight requests finish (up to drain_timeout_s), then the server stops and the
-   process exits 0.
+4. SIGTERM/SIGINT only set an event. Drain: health NOT_SERVING (HTTP /health 503), STOPPING=1,
+   new requests get UNAVAILABLE (HTTP 503), in-flight requests of both doors finish (up to
+   drain_timeout_s), then the HTTP and gRPC servers stop and the process exits 0.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ async def serve(cfg: ClsConfig) -> int:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    http = None
+    if cfg.http.port is not None:
+        from cls.openai_http import HttpFrontDoor  # fastapi + uvicorn only when the door is on
+
+        http = HttpFrontDoor(state)
+        await http.start()
     await server.start()
     state.registry.start()
     for name in SERVICE_NAMES:
@@ -64,8 +71,12 @@ async def serve(cfg: ClsConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(json.dumps({"event": "READY", "grpc_port": port, "metrics_port": metrics_port}), flush=True)
+    print(json.dumps({"event": "READY", "grpc_port": port, "metrics_port": metrics_port,
+                      "http_port": http.port if http else None}), flush=True)
     log.info("serving on %s:%d after %.1f s", cfg.host, port, time.monotonic() - t0)
+    if http:
+        log.info("OpenAI-compatible HTTP on http://%s:%d/v1 (model %r)", http.host, http.port,
+                 cfg.served_model_name)
     sdnotify.notify("READY=1")
     tasks = [asyncio.create_task(_watchdog(cfg)), asyncio.create_task(_refresh_metrics(state))]
 
@@ -82,6 +93,8 @@ async def serve(cfg: ClsConfig) -> int:
         log.warning("drain timed out with %d requests in flight", len(state.inflight))
     for t in tasks:
         t.cancel()
+    if http:
+        await http.stop()
     await server.stop(grace=2.0)
     await state.registry.close()
     log.info("stopped")
@@ -107,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return cfg
     try:
         cfg.admin_token()  # a missing or empty token file fails now, not on the first admin call
+        cfg.http_api_key()
         return asyncio.run(serve(cfg))
     except ConfigError as e:
         print(f"clsd: config error: {e}", file=sys.stderr)

@@ -37,11 +37,12 @@ _RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
 
 
 class RequestError(Exception):
-    """Ends a request with a gRPC status for the client."""
+    """Ends a request with a gRPC status for the client; `param` names the offending request
+    field, when there is one (the HTTP front door reports it)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, param: str | None = None):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.param = code, message, param
 
 
 class _AttemptFailed(Exception):

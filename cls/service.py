@@ -9,11 +9,14 @@ Life cycle of a Generate call:
    carries the finish reason, the machines and the timing (TTFT, TPOT, max TBT, E2E).
 4. A client that cancels the stream cancels the dispatcher's run, which aborts the request on
    its machines.
+Steps 1-2 and the run are `ClusterState.admit` / `generate`, which the OpenAI HTTP front door
+(cls/openai_http.py) calls too, so both doors validate, bound and abort requests the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import itertools
 import logging
@@ -41,7 +44,9 @@ ROLE_PB = {Pool.PROMPT: mpb.PROMPT, Pool.TOKEN: mpb.TOKEN, Pool.MIXED: mpb.MIXED
 
 
 class ClusterState:
-    """What the three services share: pools, router, registry, dispatcher, in-flight requests."""
+    """What the services share: pools, router, registry, dispatcher, in-flight requests."""
+
+    _ids = itertools.count()
 
     def __init__(self, cfg: ClsConfig, tokenizer: Tokenizer, metrics: ClsMetrics):
         self.cfg, self.tokenizer, self.metrics = cfg, tokenizer, metrics
@@ -71,111 +76,115 @@ class ClusterState:
             kv_blocks_total=m.kv_total_blocks, num_requests=len(link.requests),
             lease_expires_in_s=max(0.0, link.expires_at - time.monotonic()))
 
+    # -- requests: the one path both front doors (gRPC Generate, OpenAI HTTP) take ----------------
 
-# --- clients ---------------------------------------------------------------------------------
-
-
-class ClientService(clsd_pb2_grpc.ClientServiceServicer):
-    _ids = itertools.count()
-
-    def __init__(self, state: ClusterState):
-        self.s = state
-
-    async def Generate(self, request: pb.GenerateRequest, context):
-        s = self.s
+    def admit(self, r: pb.GenerateRequest) -> ClusterRequest:
+        """Validates and tokenizes a request and registers it as in flight, or raises RequestError
+        (`param` names the offending field). The caller must then iterate `generate(req)` or call
+        `release(req, ...)`."""
         try:
-            req = self._admit(request)
-        except RequestError as e:
-            s.metrics.requests.labels("rejected").inc()
-            await context.abort(e.code, e.message)
-        s.inflight[req.request_id] = req
-        s.metrics.inflight.set(len(s.inflight))
-        detok = IncrementalDetokenizer(s.tokenizer, req.prompt_ids)
+            req = self._validate(r)
+        except RequestError:
+            self.metrics.requests.labels("rejected").inc()
+            raise
+        self.inflight[req.request_id] = req
+        self.metrics.inflight.set(len(self.inflight))
+        return req
+
+    async def generate(self, req: ClusterRequest):
+        """Runs an admitted request; yields (new token ids, their text) and returns when it has
+        finished (req.finish_reason). Raises RequestError; a consumer that stops early (aclose,
+        cancellation) aborts the request on its machines. Releases the request however it ends."""
+        detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids)
         outcome = "cancelled"
         try:
-            first = True
-            async with asyncio.timeout(s.cfg.limits.request_timeout_s):
-                async for new in s.dispatcher.run(req):
-                    index = len(req.tokens) - len(new)
+            async with asyncio.timeout(self.cfg.limits.request_timeout_s), \
+                    contextlib.aclosing(self.dispatcher.run(req)) as run:
+                async for new in run:
                     self._observe_tokens(req, len(new))
-                    yield pb.GenerateResponse(request_id=req.request_id, index=index, token_ids=new,
-                                              text=detok.add(new),
-                                              num_prompt_tokens=len(req.prompt_ids) if first else 0)
-                    first = False
+                    yield new, detok.add(new)
             outcome = "finished"
-            yield self._last(req, detok)
-        except RequestError as e:
+            self.metrics.e2e.observe((req.token_times[-1] if req.token_times else time.monotonic())
+                                     - req.arrival_s)
+        except RequestError:
             outcome = "failed"
-            await context.abort(e.code, e.message)
+            raise
         except TimeoutError:
             outcome = "timeout"
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"request {req.request_id} ran past {s.cfg.limits.request_timeout_s} s")
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"request {req.request_id} ran past {self.cfg.limits.request_timeout_s} s") \
+                from None
         finally:
-            s.inflight.pop(req.request_id, None)
-            s.metrics.inflight.set(len(s.inflight))
-            s.metrics.requests.labels(outcome).inc()
+            self.release(req, outcome)
 
-    def _admit(self, r: pb.GenerateRequest) -> ClusterRequest:
-        s, lim = self.s, self.s.cfg.limits
+    def release(self, req: ClusterRequest, outcome: str) -> None:
+        """Ends an admitted request's stay in flight (idempotent: counts the outcome once)."""
+        if self.inflight.pop(req.request_id, None) is not None:
+            self.metrics.inflight.set(len(self.inflight))
+            self.metrics.requests.labels(outcome).inc()
+
+    def _validate(self, r: pb.GenerateRequest) -> ClusterRequest:
+        lim = self.cfg.limits
         bad = grpc.StatusCode.INVALID_ARGUMENT
-        if s.draining:
+        if self.draining:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "clsd is draining; retry on another instance")
-        if len(s.inflight) >= lim.max_inflight_requests:
+        if len(self.inflight) >= lim.max_inflight_requests:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{len(s.inflight)} requests in flight (limit {lim.max_inflight_requests})")
+                               f"{len(self.inflight)} requests in flight (limit {lim.max_inflight_requests})")
         if r.prompt and r.prompt_token_ids:
-            raise RequestError(bad, "give prompt or prompt_token_ids, not both")
+            raise RequestError(bad, "give prompt or prompt_token_ids, not both", "prompt")
         if r.prompt_token_ids:
             if r.apply_chat_template:
-                raise RequestError(bad, "apply_chat_template needs a text prompt")
+                raise RequestError(bad, "apply_chat_template needs a text prompt", "apply_chat_template")
             prompt_ids = list(r.prompt_token_ids)
-            vocab = s.tokenizer.vocab_size
+            vocab = self.tokenizer.vocab_size
             if max(prompt_ids) >= vocab:
                 raise RequestError(bad, f"prompt_token_ids holds {max(prompt_ids)}, beyond the "
-                                        f"vocabulary of {vocab} tokens")
+                                        f"vocabulary of {vocab} tokens", "prompt_token_ids")
         else:
             try:
                 text = r.prompt.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise RequestError(bad, f"prompt is not valid UTF-8 (byte {e.start})") from None
+                raise RequestError(bad, f"prompt is not valid UTF-8 (byte {e.start})", "prompt") from None
             if not text.strip():
-                raise RequestError(bad, "prompt is empty")
-            prompt_ids = s.tokenizer.encode_chat([{"role": "user", "content": text}]) \
-                if r.apply_chat_template else s.tokenizer.encode(text)
+                raise RequestError(bad, "prompt is empty", "prompt")
+            prompt_ids = self.tokenizer.encode_chat([{"role": "user", "content": text}]) \
+                if r.apply_chat_template else self.tokenizer.encode(text)
         max_tokens = r.max_tokens or lim.default_max_tokens
         if max_tokens > lim.max_tokens_limit:
-            raise RequestError(bad, f"max_tokens must be <= {lim.max_tokens_limit}, got {max_tokens}")
+            raise RequestError(bad, f"max_tokens must be <= {lim.max_tokens_limit}, got {max_tokens}",
+                               "max_tokens")
         for name in ("temperature", "top_p"):
             if not math.isfinite(getattr(r, name)):
-                raise RequestError(bad, f"{name} must be finite")
+                raise RequestError(bad, f"{name} must be finite", name)
         try:
             EngineSampling(max_tokens=max_tokens, temperature=r.temperature, top_k=r.top_k,
                            top_p=r.top_p or 1.0).validate()
         except InvalidRequestError as e:
-            raise RequestError(bad, str(e)) from None
-        if not s.pools.machines:
+            raise RequestError(bad, str(e), _first_word(str(e))) from None
+        if not self.pools.machines:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "no machines are registered")
         total = len(prompt_ids) + max_tokens
-        if not s.router.fits_anywhere(total):
-            longest = max(m.max_model_len for m in s.pools.machines.values())
+        if not self.router.fits_anywhere(total):
+            longest = max(m.max_model_len for m in self.pools.machines.values())
             raise RequestError(bad, f"prompt of {len(prompt_ids)} tokens + max_tokens {max_tokens} "
-                                    f"exceeds the context ({longest} tokens) or KV memory of every machine")
+                                    f"exceeds the context ({longest} tokens) or KV memory of every machine",
+                               "max_tokens")
         rid = r.request_id or f"cmpl-{next(self._ids)}-{time.monotonic_ns() % 10**6}"
-        if rid in s.inflight:
-            raise RequestError(bad, f"request_id {rid!r} is already in flight")
+        if rid in self.inflight:
+            raise RequestError(bad, f"request_id {rid!r} is already in flight", "request_id")
         sampling = mpb.SamplingParams(max_tokens=max_tokens, temperature=r.temperature, top_k=r.top_k,
                                       top_p=r.top_p, stop_token_ids=r.stop_token_ids,
                                       ignore_eos=r.ignore_eos)
         if r.HasField("seed"):
             sampling.seed = r.seed
         stop = set(r.stop_token_ids)
-        if not r.ignore_eos and s.tokenizer.eos_token_id is not None:
-            stop.add(s.tokenizer.eos_token_id)
+        if not r.ignore_eos and self.tokenizer.eos_token_id is not None:
+            stop.add(self.tokenizer.eos_token_id)
         return ClusterRequest(rid, prompt_ids, sampling, frozenset(stop))
 
     def _observe_tokens(self, req: ClusterRequest, num_new: int) -> None:
-        times, m = req.token_times, self.s.metrics
+        times, m = req.token_times, self.metrics
         start = len(times) - num_new
         if start == 0:
             m.ttft.observe(times[0] - req.arrival_s)
@@ -183,22 +192,56 @@ class ClientService(clsd_pb2_grpc.ClientServiceServicer):
         for i in range(start, len(times)):
             m.tbt.observe(times[i] - times[i - 1])
 
-    def _last(self, req: ClusterRequest, detok: IncrementalDetokenizer) -> pb.GenerateResponse:
-        times = req.token_times
-        now = time.monotonic()
-        timing = pb.Timing(
-            ttft_s=times[0] - req.arrival_s if times else 0.0,
-            e2e_s=(times[-1] if times else now) - req.arrival_s,
-            tpot_s=(times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0,
-            max_tbt_s=max((b - a for a, b in zip(times, times[1:])), default=0.0),
-            queue_s=(req.prefill_start_s - req.arrival_s) if req.prefill_start_s else 0.0)
-        self.s.metrics.e2e.observe(timing.e2e_s)
+
+def _first_word(message: str) -> str | None:
+    """The field an engine validation message opens with ("temperature must be ...")."""
+    word = message.split(" ", 1)[0]
+    return word if word.isidentifier() else None
+
+
+# --- clients ---------------------------------------------------------------------------------
+
+
+class ClientService(clsd_pb2_grpc.ClientServiceServicer):
+    def __init__(self, state: ClusterState):
+        self.s = state
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        try:
+            req = self.s.admit(request)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+        try:
+            first = True
+            async for new, text in self.s.generate(req):
+                yield pb.GenerateResponse(request_id=req.request_id, index=len(req.tokens) - len(new),
+                                          token_ids=new, text=text,
+                                          num_prompt_tokens=len(req.prompt_ids) if first else 0)
+                first = False
+            yield self._last(req)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+        finally:
+            self.s.release(req, "cancelled")  # a no-op unless the stream ended before generate ran
+
+    def _last(self, req: ClusterRequest) -> pb.GenerateResponse:
         route = req.route
         return pb.GenerateResponse(
-            request_id=req.request_id, index=len(req.tokens), text=detok.add([]),
-            finish_reason=req.finish_reason, timing=timing, num_reroutes=req.num_reroutes,
+            request_id=req.request_id, index=len(req.tokens), finish_reason=req.finish_reason,
+            timing=timing(req), num_reroutes=req.num_reroutes,
             prompt_machine=route.prompt_machine if route else "",
             token_machine=route.token_machine if route else "")
+
+
+def timing(req: ClusterRequest) -> pb.Timing:
+    times = req.token_times
+    now = time.monotonic()
+    return pb.Timing(
+        ttft_s=times[0] - req.arrival_s if times else 0.0,
+        e2e_s=(times[-1] if times else now) - req.arrival_s,
+        tpot_s=(times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0,
+        max_tbt_s=max((b - a for a, b in zip(times, times[1:])), default=0.0),
+        queue_s=(req.prefill_start_s - req.arrival_s) if req.prefill_start_s else 0.0)
 
 
 # --- operators -------------------------------------------------------------------------------
