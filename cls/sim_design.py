@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cls.simulator import ClusterDesign
 from engine.modelled import (
+    DECODE_AXES,
     HARDWARE,
     LINKS,
     LatencyModel,
@@ -48,6 +49,9 @@ class SimDesignConfig:
     colocated: bool = False
     """Every machine runs both phases (the baseline); num_prompt + num_token machines in all."""
     max_batch_size: int = 256
+    decode_axis: str = "context"
+    """How the profile times a decode step: by its context tokens, or ("requests") by its number
+    of requests as Splitwise's simulator does (engine/modelled.py)."""
     reference_hardware: str = "a100-80gb"
     reference_tensor_parallel: int = 8
 
@@ -60,6 +64,8 @@ class SimDesignConfig:
         for key in ("max_batch_size", "reference_tensor_parallel", "block_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.decode_axis not in DECODE_AXES:
+            raise ConfigError(f"decode_axis must be one of {', '.join(DECODE_AXES)}, got {self.decode_axis!r}")
         if self.link not in LINKS:
             raise ConfigError(f"link must be one of {sorted(LINKS)}, got {self.link!r}")
         for key in ("num_prompt", "num_token"):
@@ -100,4 +106,5 @@ class SimDesignConfig:
             raise ConfigError(f"profile: {self.profile} not found (run from the repository root, with "
                               "../shared beside it, or set profile: null for the roofline)")
         return ProfileLatencyModel.from_csv(self.profile, model=self.model, hardware=hardware,
-                                            tensor_parallel=tensor_parallel)
+                                            tensor_parallel=tensor_parallel,
+                                            decode_axis=self.decode_axis)

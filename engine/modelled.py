@@ -21,7 +21,10 @@ is linear between the neighbouring profiled x's, the smallest x's value below it
 dominate there), and beyond the largest x the last segment's line, never below the last value (so
 never negative). A profiled (p * b, b) thus returns its median exactly. Splitwise's simulator
 queries its decode curve at the number of decode requests; here decode is queried at the batch's
-context tokens, the axis the profile was measured on.
+context tokens, the axis the profile was measured on (`decode_axis="context"`, the default).
+`decode_axis="requests"` queries it at the number of decode requests instead, as Splitwise's
+simulator does: a decode step then costs about the same at any batch size up to the smallest
+profiled x (128 requests on Splitwise's profile), which is what its published results assume.
 
 Roofline. Step time = max(FLOP / (tp * peak_flops * compute_efficiency),
 bytes / (tp * mem_bw * memory_efficiency)) + step_overhead_s, where for
@@ -68,6 +71,7 @@ DEFAULT_CONTEXT_TOKENS_PER_REQUEST = 512
 # Splitwise's simulator times a batch mixing prompts and decodes as a prefill of all its tokens
 # plus 10%.
 MIXED_BATCH_FACTOR = 1.1
+DECODE_AXES = ("context", "requests")
 
 
 class ProfileError(ValueError):
@@ -170,9 +174,14 @@ class ProfileLatencyModel(LatencyModel):
     """Latency interpolated from profiled batches (see the module docstring for the rule)."""
 
     def __init__(self, prefill_points: dict[tuple[int, int], float],
-                 decode_points: dict[tuple[int, int], float], source: str = ""):
+                 decode_points: dict[tuple[int, int], float], source: str = "",
+                 decode_axis: str = "context"):
         """Points map (batch tokens, batch size) to seconds; decode's batch tokens are the
-        batch's context tokens. At least two distinct batch-token counts each."""
+        batch's context tokens. At least two distinct batch-token counts each. `decode_axis`:
+        "context" or "requests" (see the module docstring)."""
+        if decode_axis not in DECODE_AXES:
+            raise ProfileError(f"decode_axis must be one of {', '.join(DECODE_AXES)}, got {decode_axis!r}")
+        self.decode_axis = decode_axis
         for phase, points in (("prefill", prefill_points), ("decode", decode_points)):
             if len({x for x, _ in points}) < 2:
                 raise ProfileError(f"{source or 'profile'}: {phase} needs points at two or more "
@@ -183,7 +192,7 @@ class ProfileLatencyModel(LatencyModel):
 
     @classmethod
     def from_csv(cls, path: str | Path, *, model: str, hardware: str,
-                 tensor_parallel: int) -> ProfileLatencyModel:
+                 tensor_parallel: int, decode_axis: str = "context") -> ProfileLatencyModel:
         """Reads the rows of one (model, hardware, tensor_parallel) from a Splitwise-format CSV
         (PROFILE_COLUMNS; times in ms; other columns ignored)."""
         path = Path(path)
@@ -225,19 +234,21 @@ class ProfileLatencyModel(LatencyModel):
                                f"it has: {have}")
         source = f"{path} [{model}, {hardware}, tp{tensor_parallel}]"
         return cls({k: statistics.median(v) / 1000 for k, v in prompt_ms.items()},
-                   {k: statistics.median(v) / 1000 for k, v in token_ms.items()}, source)
+                   {k: statistics.median(v) / 1000 for k, v in token_ms.items()}, source, decode_axis)
 
     def _prefill_s(self, batch_tokens: int, batch_size: int) -> float:
         return self._prefill(batch_tokens, batch_size)
 
     def _decode_s(self, batch_size: int, context_tokens: int) -> float:
+        if self.decode_axis == "requests":
+            return self._decode(batch_size, batch_size)
         return self._decode(context_tokens, batch_size)
 
     def _mixed_s(self, prefill_tokens, num_prefills, num_decodes, decode_context_tokens) -> float:
         return MIXED_BATCH_FACTOR * self._prefill(prefill_tokens + num_decodes, num_prefills)
 
     def __repr__(self) -> str:
-        return f"ProfileLatencyModel({self.source})"
+        return f"ProfileLatencyModel({self.source}, decode_axis={self.decode_axis})"
 
 
 # --- model shapes and hardware -------------------------------------------------------------------

@@ -162,6 +162,27 @@ def test_splitwise_profile_rows_reproduced_exactly(profile_csv):
             assert m.decode_s(b) == configs[512, b][1] / 1000
 
 
+def test_decode_by_number_of_requests_follows_splitwise_sim(profile_csv):
+    """decode_axis="requests": the step is read off the curve at x = number of requests, as
+    Splitwise's simulator does, so it ignores the context and is flat up to the smallest x."""
+    m = ProfileLatencyModel.from_csv(profile_csv, model="llama2-70b", hardware="h100-80gb",
+                                     tensor_parallel=8, decode_axis="requests")
+    configs = profile_configs(profile_csv, "llama2-70b", "h100-80gb", 8)
+    smallest_x = min(p * b for p, b in configs)
+    at_smallest = configs[next((p, b) for p, b in configs if p * b == smallest_x)][1] / 1000
+    assert smallest_x == 128
+    for b in (1, 16, 64, 128):
+        assert m.decode_s(b, context_tokens=b * 4000) == m.decode_s(b, context_tokens=b) == at_smallest
+    by_context = ProfileLatencyModel.from_csv(profile_csv, model="llama2-70b", hardware="h100-80gb",
+                                              tensor_parallel=8)
+    for b in (256, 1000, 4096):  # past the smallest x: the context curve read at x = b
+        assert m.decode_s(b, context_tokens=10**6) == by_context.decode_s(b, context_tokens=b)
+    assert m.prefill_s(2048) == by_context.prefill_s(2048)
+    with pytest.raises(ProfileError, match="decode_axis must be one of context, requests"):
+        ProfileLatencyModel.from_csv(profile_csv, model="llama2-70b", hardware="h100-80gb",
+                                     tensor_parallel=8, decode_axis="batch")
+
+
 def test_splitwise_profile_interpolates_between_rows(profile_csv):
     m = ProfileLatencyModel.from_csv(profile_csv, model="llama2-70b", hardware="h100-80gb",
                                      tensor_parallel=8)
