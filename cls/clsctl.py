@@ -15,6 +15,7 @@ Commands:
     clsctl machines list | drain ID | undrain ID
     clsctl local up [--config configs/local.yaml] [--ask QUESTION]   clsd + machines on this host
     clsctl simulate --cluster CONFIG --trace CSV [--rate R] [--duration S]   virtual-time cluster
+    clsctl bench [--backend grpc|openai|openai-chat] [--request-rate R] ...   load generator
 
 The commands that talk to clsd take --address (default $CLSD_ADDRESS, else 127.0.0.1:50050),
 --token-file (admin token; default $CLSD_TOKEN_FILE, else .run/admin-token) and --json. Errors
@@ -30,6 +31,7 @@ import sys
 from dataclasses import asdict
 
 from cls import local_cli, simulate_cli
+from cls.bench import cli as bench_cli
 from cls.client import ClsClient, ClsError, Completion, MachineStatus, Unavailable, default_address
 
 DEFAULT_DEMO_OUT = "models/SmolLM2-135M-Instruct"
@@ -328,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_machines(groups)
     local_cli.add_parser(groups)
     simulate_cli.add_parser(groups)
+    bench_cli.add_parser(groups)
     return parser
 
 
