@@ -284,7 +284,7 @@ HAVE_OPENAI_HTTP = (ROOT / "cls" / "openai_http.py").is_file()
 def cluster(demo_model_dir, tmp_path_factory):
     from tests.cls_cluster import Cluster
 
-    clsd = {"http_port": 0} if HAVE_OPENAI_HTTP else {}
+    clsd = {"http": {"port": 0}} if HAVE_OPENAI_HTTP else {}
     c = Cluster(tmp_path_factory.mktemp("bench-cluster"), demo_model_dir,
                 [("prompt-0", "prompt"), ("token-0", "token")], clsd=clsd)
     c.start()
@@ -337,6 +337,9 @@ def _run_and_compare(cluster, demo_model_dir, tmp_path, backend, base_url):
     # every request has 8 tokens, so the mean of TPOT over requests is clsd's mean gap (TBT);
     # the first and last token's delivery jitter stays within a few ms per request
     tbt_ms = mean_s("clsd_tbt_seconds") * 1e3
+    print(f"{backend}: bench ttft/tpot/e2el {result['mean_ttft_ms']:.1f}/{result['mean_tpot_ms']:.1f}/"
+          f"{result['mean_e2el_ms']:.1f} ms; clsd {mean_s('clsd_ttft_seconds') * 1e3:.1f}/{tbt_ms:.1f}/"
+          f"{mean_s('clsd_e2e_seconds') * 1e3:.1f} ms")
     assert result["mean_tpot_ms"] == pytest.approx(tbt_ms, rel=0.15, abs=5), (result["mean_tpot_ms"], tbt_ms)
     return result
 
