@@ -1,10 +1,11 @@
-"""KV transports (local, tcp, ucx) behind one interface: bytes, concurrency, order, rejections,
+"""KV transports (local, tcp, ucx, shm) behind one interface: bytes, concurrency, order, rejections,
 deadlines, cancel/abort, a killed sender process, and a real two-process round trip."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 import re
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.shared_memory import SharedSegment
 from mls.kv.base import KVSpec, TransferState
 from mls.kv.factory import make_receiver, make_sender
 
@@ -25,8 +27,8 @@ DONE, FAILED, RECEIVING = TransferState.DONE, TransferState.FAILED, TransferStat
 ROOT = Path(__file__).resolve().parents[1]
 HAS_UCXX = importlib.util.find_spec("ucxx") is not None
 NEEDS_UCXX = pytest.mark.skipif(not HAS_UCXX, reason="ucxx is not installed (pip install ucxx-cu12)")
-TRANSPORTS = ["local", "tcp", pytest.param("ucx", marks=NEEDS_UCXX)]
-NETWORK = ["tcp", pytest.param("ucx", marks=NEEDS_UCXX)]
+TRANSPORTS = ["local", "tcp", pytest.param("ucx", marks=NEEDS_UCXX), "shm"]
+NETWORK = ["tcp", pytest.param("ucx", marks=NEEDS_UCXX), "shm"]
 
 
 def make_spec(request_id: str = "r1", num_tokens: int = 257, dtype: str = "bfloat16",
@@ -41,7 +43,8 @@ def layer_data(spec: KVSpec, layer: int, seed: int = 0) -> torch.Tensor:
 
 class BlockSink:
     """Like the engine's import views: a layer lands in chunks of a bigger cache tensor, in
-    shuffled order and of non-uniform sizes (16-token blocks, some partly used)."""
+    shuffled order and of non-uniform sizes (16-token blocks, some partly used). The cache is in a
+    shared-memory segment, as a token machine's is with transport shm (the others do not care)."""
 
     def __init__(self, spec: KVSpec, seed: int = 0):
         rng = random.Random(seed)
@@ -50,8 +53,11 @@ class BlockSink:
             sizes.append(min(left, rng.choice([16, 16, 16, 5, 11])))
             left -= sizes[-1]
         blocks = rng.sample(range(len(sizes) + 4), len(sizes))
-        self.cache = torch.zeros(spec.num_layers, (len(sizes) + 4) * 16, 2, spec.num_kv_heads,
-                                 spec.head_dim, dtype=getattr(torch, spec.dtype))
+        shape = (spec.num_layers, (len(sizes) + 4) * 16, 2, spec.num_kv_heads, spec.head_dim)
+        dtype = getattr(torch, spec.dtype)
+        self.segment = SharedSegment(math.prod(shape) * dtype.itemsize)
+        self.cache = self.segment.tensor(shape, dtype)
+        self.cache.zero_()
         self.chunks = list(zip(blocks, sizes))
         self.received: list[int] = []
 
@@ -180,8 +186,9 @@ def test_unknown_request_rejected(pair):
 def test_deadline_fails_both_sides_when_layers_never_come(pair):
     receiver, sender = pair
     spec = make_spec("late", num_tokens=16)
+    sink = BlockSink(spec)  # made first: the budget below is measured at expect()
     start, budget = time.monotonic(), 0.6
-    receiver.expect(spec, BlockSink(spec), start + budget)
+    receiver.expect(spec, sink, start + budget)
     handle = sender.open(receiver.address(), spec, start + budget)
     for i in range(5):
         handle.send_layer(i, layer_data(spec, i))
@@ -211,8 +218,9 @@ def test_start_window_then_transfer_window(pair):
     assert wait_for(lambda: receiver.poll("slow-start").state == DONE, 5)
 
     never = make_spec("never-connects", num_tokens=16)
+    never_sink = BlockSink(never)
     start = time.monotonic()
-    receiver.expect(never, BlockSink(never), start + 0.3, transfer_window_s=10.0)
+    receiver.expect(never, never_sink, start + 0.3, transfer_window_s=10.0)
     status = wait_for(lambda: (st := receiver.poll("never-connects")).state == FAILED and st, 5)
     assert status and time.monotonic() - start < 2.0
     assert "waiting for the sender to connect" in status.error, status.error
@@ -377,10 +385,10 @@ def test_two_processes_round_trip_then_sender_killed_mid_transfer(transport):
 
 
 def test_factory_names_the_allowed_transports():
-    with pytest.raises(ValueError, match="local, tcp, ucx"):
+    with pytest.raises(ValueError, match="local, tcp, ucx, shm"):
         make_receiver("rdma")
-    with pytest.raises(ValueError, match="local, tcp, ucx"):
-        make_sender("shm")
+    with pytest.raises(ValueError, match="local, tcp, ucx, shm"):
+        make_sender("pipe")
     assert make_sender("local").transport == "local"
 
 
@@ -396,3 +404,171 @@ def test_finished_transfers_are_forgotten_after_the_retention_time(transport):
     assert "not expected" in receiver.poll("old").error
     sender.close()
     receiver.close()
+
+
+# -- shm: the sender writes into the receiver's shared-memory segment -------------------------
+
+
+class PlainSink(BlockSink):
+    """A sink in ordinary (private) memory: the shm transport must fall back to socket bytes."""
+
+    def __init__(self, spec: KVSpec):
+        super().__init__(spec)
+        self.cache = torch.zeros_like(self.cache)
+        self.segment.close()
+
+
+def test_shm_writes_straight_into_reserved_blocks_and_nowhere_else():
+    receiver, sender = make_receiver("shm"), make_sender("shm")
+    try:
+        for k, sink_cls in enumerate((BlockSink, PlainSink)):
+            spec = make_spec(f"s{k}", num_tokens=300)
+            sink = sink_cls(spec, seed=k) if sink_cls is BlockSink else sink_cls(spec)
+            receiver.expect(spec, sink, deadline())
+            handle = sender.open(receiver.address(), spec, deadline())
+            send_all(handle, spec, seed=k, first_token=41)
+            assert handle.wait(10) == DONE, handle.error
+            assert handle.mode == ("shm" if sink_cls is BlockSink else "inline")
+            assert receiver.poll(spec.request_id).first_token_id == 41
+            assert all(torch.equal(sink.layer(i), layer_data(spec, i, seed=k)) for i in range(30))
+            unused = sorted(set(range(sink.cache.shape[1] // 16)) - {b for b, _ in sink.chunks})
+            for b, n in [(b, 0) for b in unused] + sink.chunks:  # reserved tails and spare blocks
+                assert not sink.cache[:, b * 16 + n: b * 16 + 16].any(), f"bytes outside block {b}'s range"
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_shm_sender_on_another_host_gets_bytes_over_the_socket(monkeypatch):
+    from mls.kv import shm
+
+    monkeypatch.setattr(shm.ShmSendHandle, "_header",
+                        lambda self: {**self.spec.to_dict(), "host_id": "another-boot/1:2"})
+    receiver, sender = make_receiver("shm"), make_sender("shm")
+    spec = make_spec("far", num_tokens=40)
+    sink = BlockSink(spec)
+    receiver.expect(spec, sink, deadline())
+    handle = sender.open(receiver.address(), spec, deadline())
+    send_all(handle, spec)
+    assert handle.wait(10) == DONE, handle.error
+    assert handle.mode == "inline"
+    assert all(torch.equal(sink.layer(i), layer_data(spec, i)) for i in range(30))
+    sender.close()
+    receiver.close()
+
+
+def _fake_receiver(placement: bytes) -> socket.socket:
+    """Accepts one shm sender, then hands it `placement` (raw bytes after the length prefix)."""
+    from mls.kv.shm import LENGTH, MAGIC
+    from mls.kv.wire import encode_status, read_preamble
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            read_preamble(conn, MAGIC, time.monotonic() + 5)
+            conn.sendall(encode_status(True, "accepted") + LENGTH.pack(len(placement)) + placement)
+            try:
+                conn.recv(1)  # until the sender gives up
+            except OSError:
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def test_shm_sender_refuses_placements_outside_the_reservation_and_writes_nothing():
+    spec = make_spec("evil", num_tokens=32, num_layers=2)
+    layer = spec.layer_nbytes
+    segment = SharedSegment(4 * layer)
+    segment.bytes.fill_(0x5A)
+    good = {"mode": "shm", "segment": segment.name, "segment_bytes": 4 * layer, "window_s": 5.0,
+            "spans": [[0, layer]], "layer_offsets": [0, 2 * layer]}
+    cases = [
+        ({"layer_offsets": [0, 3 * layer + 1]}, "outside the segment of"),
+        ({"layer_offsets": [-16, layer]}, "outside the segment of"),
+        ({"layer_offsets": [0, layer // 2]}, "overlap"),
+        ({"spans": [[0, layer - 768]]}, "hold"),
+        ({"segment": "../../etc/passwd"}, "not a shared-memory segment name"),
+        ({"segment": "mls-kv-1-000000000000"}, "does not exist"),
+        ({"segment_bytes": 8 * layer}, "the file has"),
+        ({"layer_offsets": [0]}, "layer_offsets must be 2 integers"),
+        ({"spans": [[0, "x"]]}, "is not [offset, nbytes]"),
+        ({"window_s": -1}, "window_s"),
+        ({"mode": "rdma"}, "malformed placement"),
+    ]
+    sender = make_sender("shm")
+    try:
+        for change, expected in cases:
+            server = _fake_receiver(json.dumps({**good, **change}).encode())
+            address = f"127.0.0.1:{server.getsockname()[1]}".encode()
+            handle = sender.open(address, spec, deadline(5))
+            send_all(handle, spec)
+            assert handle.wait(5) == FAILED, change
+            assert expected in handle.error, (change, handle.error)
+            assert bool((segment.bytes == 0x5A).all()), f"{change}: bytes were written"
+            server.close()
+        server = _fake_receiver(b"{not json")
+        handle = sender.open(f"127.0.0.1:{server.getsockname()[1]}".encode(), spec, deadline(5))
+        assert handle.wait(5) == FAILED and "malformed placement" in handle.error
+        server.close()
+    finally:
+        sender.close()
+        segment.close()
+
+
+def test_shm_receiver_refuses_a_header_without_a_host_id():
+    from mls.kv.wire import encode_preamble, read_status
+
+    receiver = make_receiver("shm")
+    spec = make_spec("h")
+    receiver.expect(spec, BlockSink(spec), deadline())
+    host, port = receiver.address().decode().rsplit(":", 1)
+    for header, expected in ((spec.to_dict(), "host_id"), ({**spec.to_dict(), "host_id": 7}, "got 7")):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(encode_preamble(receiver.magic, header))
+            ok, message = read_status(s, time.monotonic() + 5)
+            assert not ok and expected in message, message
+    assert receiver.poll("h").state == TransferState.WAITING  # a bad header claims nothing
+    receiver.close()
+
+
+SEGMENT_OWNER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from engine.shared_memory import SharedSegment
+seg = SharedSegment(1 << 20)
+print(seg.path, flush=True)
+time.sleep(60)
+"""
+
+
+def test_shared_segments_are_lazy_unlinked_on_close_and_swept_after_a_kill():
+    import os
+
+    seg = SharedSegment(64 * 2**20)
+    assert os.stat(seg.path).st_blocks == 0, "creating a segment must not touch its pages"
+    seg.tensor((16 * 2**20,), torch.float32)[:1024].fill_(1.0)
+    assert 0 < os.stat(seg.path).st_blocks * 512 < 2**20
+    path = seg.path
+    seg.close()
+    assert not os.path.exists(path)
+    with pytest.raises(MemoryError, match="does not fit"):
+        SharedSegment(1 << 60)
+    proc = subprocess.Popen([sys.executable, "-c", SEGMENT_OWNER, str(ROOT)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        orphan = proc.stdout.readline().strip()
+        fresh = SharedSegment(4096)  # the owner is alive: its segment stays
+        assert os.path.exists(orphan)
+        fresh.close()
+        proc.kill()
+        proc.wait()
+        assert os.path.exists(orphan), "SIGKILL runs no clean-up"
+        fresh = SharedSegment(4096)  # the next segment sweeps the dead owner's
+        assert not os.path.exists(orphan)
+        fresh.close()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,6 +1,7 @@
-"""Builds a KV receiver or sender by transport name ("local", "tcp", "ucx").
+"""Builds a KV receiver or sender by transport name ("local", "tcp", "ucx", "shm").
 
-The ucx transport imports ucxx lazily, so the other two work on hosts without it. A machine
+The ucx transport imports ucxx lazily, so the others work on hosts without it. `shm` needs both
+ends on one host (across hosts it falls back to bytes over its TCP control channel). A machine
 builds both ends (`make_endpoints`): any machine may prefill for another or decode for another.
 """
 
@@ -8,11 +9,11 @@ from __future__ import annotations
 
 from mls.kv.base import KVReceiver, KVSender
 
-TRANSPORTS = ("local", "tcp", "ucx")
+TRANSPORTS = ("local", "tcp", "ucx", "shm")
 
 
 def make_receiver(transport: str, **opts) -> KVReceiver:
-    """opts go to the receiver's constructor (tcp/ucx: host, port, handshake_timeout_s, ...)."""
+    """opts go to the receiver's constructor (tcp/ucx/shm: host, port, handshake_timeout_s, ...)."""
     return _classes(transport)[0](**opts)
 
 
@@ -39,6 +40,9 @@ def _classes(transport: str) -> tuple[type[KVReceiver], type[KVSender]]:
     if transport == "tcp":
         from mls.kv.tcp import TCPReceiver, TCPSender
         return TCPReceiver, TCPSender
+    if transport == "shm":
+        from mls.kv.shm import ShmReceiver, ShmSender
+        return ShmReceiver, ShmSender
     if transport == "ucx":
         try:
             from mls.kv.ucx import UCXReceiver, UCXSender
