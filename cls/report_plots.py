@@ -81,3 +81,12 @@ def time_series(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
     for label, (times, values) in series.items():
         ax.plot(list(times), list(values), linestyle="none", marker=marker, markersize=3, label=label)
     return _save(fig, ax, path, legend=len(series) > 1)
+
+
+def step_series(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, *,
+                title: str = "", xlabel: str = "time (s)", ylabel: str = "") -> Path:
+    """A value that holds until its next change (pool sizes, queue lengths), one line per label."""
+    fig, ax = _figure(title, xlabel, ylabel)
+    for label, (times, values) in series.items():
+        ax.step(list(times), list(values), where="post", label=label)
+    return _save(fig, ax, path, legend=True)

@@ -1,7 +1,10 @@
-"""`clsctl simulate`: run a cluster design over a trace in virtual time and print the latencies.
+"""`clsctl simulate`: run cluster designs over a trace in virtual time and report SLOs and goodput.
 
     clsctl simulate --cluster configs/sim/splitwise-hh-code.yaml \
         --trace ../shared/traces/AzureLLMInferenceTrace_code.csv --rate 70 --duration 120
+    clsctl simulate --cluster configs/sim/splitwise-hh-conv.yaml --cluster configs/sim/baseline-h100.yaml \
+        --trace ../shared/traces/AzureLLMInferenceTrace_conv.csv --duration 120 --sweep 40,70,100 \
+        --plots out/sim --json out/sim.json
 
 The simulator (cls/simulator.py) drives the daemons' own pools, router and machine policies;
 step times come from engine/modelled.py. Torch is never imported.
@@ -12,57 +15,180 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
+
+
+def _lengths(text: str):
+    """'512' -> 512, '100:2000' -> (100, 2000)."""
+    low, sep, high = text.partition(":")
+    try:
+        value = (int(low), int(high)) if sep else int(low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or LOW:HIGH") from None
+    if (min(value) if sep else value) < 1 or (sep and value[0] > value[1]):
+        raise argparse.ArgumentTypeError(f"{text!r}: lengths must be >= 1 and LOW <= HIGH")
+    return value
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of rates") from None
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"{text!r}: rates must be > 0 requests/s")
+    return sorted(rates)
+
+
+def _progress_for(enabled: bool):
+    """A progress bar per run, advanced as the simulator routes arrivals."""
+    from cls.bench.progress import Progress
+
+    def make(label: str, total: int):
+        bar = Progress(total, label, enabled=enabled)
+
+        def advance_to(num_arrived: int) -> None:
+            while bar.done < num_arrived:
+                bar.update()
+            if num_arrived >= total:
+                bar.close()
+        return advance_to
+    return make
+
+
+def _print_run(report, out) -> None:
+    s, slo = report.to_dict(), report.slo
+    print(f"\n== {report.design}: {s['num_requests']} requests, offered {s['offered_rate']:.1f} req/s ==",
+          file=out)
+    print(f"{'metric':<6} {'p50 s':>9} {'p90 s':>9} {'p99 s':>9}   {'slowdown p50/p90/p99 (target)':<40}",
+          file=out)
+    for m in ("ttft", "tbt", "e2e"):
+        cells = []
+        for p in (50, 90, 99):
+            key = f"{m}_p{p}"
+            cells.append(f"{slo.values[key]:.2f}{'' if slo.met[key] else '!'}({slo.targets[key]:g})")
+        print(f"{m:<6} " + " ".join(f"{s[f'{m}_p{p}_s']:>9.4f}" for p in (50, 90, 99))
+              + "   " + " ".join(cells), file=out)
+    print(f"SLO targets met: {slo.num_met}/{len(slo.targets)}{'  (all met)' if slo.all_met else ''}; "
+          f"finished {s['num_finished']}, rejected {s['num_rejected']}, pool moves "
+          f"{s['num_pool_moves']} ({s['num_borrows']} borrows); utilization mean "
+          f"{s['utilization']['mean']:.0%} (min {s['utilization']['min']:.0%}, max "
+          f"{s['utilization']['max']:.0%})", file=out)
+    print(f"simulated {s['end_s']:.1f} s in {s['wall_s']:.2f} s wall ({s['requests_per_wall_s']} requests/s)",
+          file=out)
+
+
+def _print_sweep(name: str, runs, goodput, out) -> None:
+    print(f"\n== {name}: rate sweep ==", file=out)
+    print(f"{'rate':>8} {'met':>5} {'worst/target':>13} {'ttft p99x':>10} {'tbt p99x':>9} "
+          f"{'e2e p99x':>9} {'wall s':>7}", file=out)
+    for r in runs:
+        v = r.slo.values
+        print(f"{r.rate:>8g} {r.slo.num_met:>3}/9 {r.slo.worst_ratio:>13.2f} {v['ttft_p99']:>10.2f} "
+              f"{v['tbt_p99']:>9.2f} {v['e2e_p99']:>9.2f} {r.wall_s:>7.2f}", file=out)
+    print(f"goodput ({name}): " + (f"{goodput:g} req/s" if goodput is not None
+                                    else "none of the swept rates met every target"), file=out)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from cls.sim_design import SimDesignConfig
-    from cls.simulator import Simulator
-    from cls.traces import TraceError, load_azure_trace
+    from cls.sim_report import SloError, parse_slo
+    from cls.sim_runs import Workload, plot, run_once, sweep
+    from cls.traces import TraceError, trace_lengths
     from engine.modelled import ProfileError
     from mls.config import ConfigError
 
+    out = sys.stdout
     try:
-        cfg = SimDesignConfig.load(args.cluster)
-        design, model = cfg.build()
-        arrivals = load_azure_trace(args.trace, limit=args.limit, duration_s=args.duration, rate=args.rate)
-    except (ConfigError, ProfileError, TraceError, OSError) as e:
+        targets = parse_slo(args.slo)
+        overrides = {"decode_axis": args.decode_axis} if args.decode_axis else None
+        cfgs = [SimDesignConfig.load(path, overrides) for path in args.cluster]
+        for cfg in cfgs:
+            cfg.build()  # fail on a bad design before any run
+        if args.trace is None and (args.duration is None or (args.rate is None and not args.sweep)):
+            raise ConfigError("without --trace, synthetic arrivals need --duration and --rate or --sweep")
+        if args.rate_scale is not None and (args.rate is not None or args.sweep):
+            raise ConfigError("--rate-scale rescales the trace's own rate; it excludes --rate and --sweep")
+        if args.rate_scale is not None and args.trace is None:
+            raise ConfigError("--rate-scale needs --trace")
+        prompt_len, output_len = args.prompt_len, args.output_len
+        if args.lengths_from:
+            prompt_len, output_len = trace_lengths(args.lengths_from), None
+        workload = Workload(args.trace, args.duration, args.limit, args.rate_scale, args.burstiness,
+                            prompt_len, output_len, args.seed)
+        if not workload.arrivals(args.sweep[0] if args.sweep else args.rate):
+            raise ConfigError("the trace selection holds no requests")
+    except (ConfigError, ProfileError, TraceError, SloError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if not arrivals:
-        print("error: the trace selection holds no requests", file=sys.stderr)
-        return 1
-    print(f"simulating {cfg.name}: {cfg.num_prompt} prompt + {cfg.num_token} token machines, "
-          f"{len(arrivals)} requests over {arrivals[-1].arrival_s:.0f} s of the trace", file=sys.stderr)
-    start = time.monotonic()
-    result = Simulator(design, model, seed=args.seed).run(arrivals)
-    wall_s = time.monotonic() - start
-    summary = {"design": cfg.name, "trace": str(args.trace), "num_requests": len(arrivals),
-               "wall_s": round(wall_s, 3), "requests_per_wall_s": round(len(arrivals) / max(wall_s, 1e-9)),
-               **result.summary()}
+    progress_for = _progress_for(not args.no_progress)
+    designs: dict[str, list] = {}
+    goodputs: dict[str, float | None] = {}
+    for cfg in cfgs:
+        name = cfg.name if cfg.name not in designs else f"{cfg.name}#{len(designs)}"
+        if args.sweep:
+            runs, goodputs[name] = sweep(cfg, workload, args.sweep, targets, progress_for)
+            designs[name] = runs
+            _print_sweep(name, runs, goodputs[name], out)
+        else:
+            run = run_once(cfg, workload, args.rate, targets, progress_for)
+            designs[name] = [run]
+            _print_run(run, out)
+    ratios = {}
+    if args.sweep and len(designs) > 1:
+        first = next(iter(designs))
+        for other in list(designs)[1:]:
+            a, b = goodputs[first], goodputs[other]
+            ratios[f"{first}/{other}"] = (a / b) if a and b else None
+            text = f"{a / b:.2f}x" if a and b else "n/a (a design met no swept rate)"
+            print(f"goodput ratio {first} / {other}: {text}", file=out)
+    if args.plots:
+        for path in plot(designs, args.plots):
+            print(f"wrote {path}", file=sys.stderr)
     if args.json:
+        doc = {"trace": args.trace, "duration_s": args.duration, "targets": targets,
+               "designs": {n: {"runs": [r.to_dict() for r in runs], "goodput_rate": goodputs.get(n)}
+                           for n, runs in designs.items()},
+               "goodput_ratios": ratios}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{'metric':<10} {'p50':>10} {'p90':>10} {'p99':>10}")
-    for name in ("ttft", "tbt", "e2e"):
-        print(f"{name + ' (s)':<10} " + " ".join(f"{summary[f'{name}_p{p}_s']:>10.4f}" for p in (50, 90, 99)))
-    print(f"finished {summary['num_finished']}, rejected {summary['num_rejected']}, "
-          f"borrows {summary['num_borrows']}; simulated {summary['end_s']:.1f} s in {wall_s:.2f} s wall")
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
 def add_parser(groups: argparse._SubParsersAction) -> None:
     p = groups.add_parser(
-        "simulate", help="simulate a cluster design over a trace (virtual time)",
+        "simulate", help="simulate cluster designs over a trace (virtual time): SLOs, goodput",
         description="Replay an Azure LLM inference trace (TIMESTAMP, ContextTokens, "
-                    "GeneratedTokens) on a simulated cluster design with the daemons' own "
-                    "policies, and print TTFT, TBT and E2E percentiles.")
-    p.add_argument("--cluster", required=True, metavar="CONFIG", help="design YAML (configs/sim/)")
-    p.add_argument("--trace", required=True, metavar="CSV", help="Azure trace CSV (../shared/traces/)")
+                    "GeneratedTokens) or synthetic Poisson/gamma arrivals on simulated cluster "
+                    "designs with the daemons' own policies; print TTFT, TBT and E2E percentiles, "
+                    "slowdowns against one uncontended request on the reference machine, Splitwise's "
+                    "nine SLO checks, and with --sweep the goodput of each design.")
+    p.add_argument("--cluster", required=True, action="append", metavar="CONFIG",
+                   help="design YAML (configs/sim/); repeat to compare designs on the same arrivals")
+    p.add_argument("--trace", default=None, metavar="CSV",
+                   help="Azure trace CSV (../shared/traces/); omit for synthetic arrivals")
     p.add_argument("--rate", type=float, default=None, help="rescale arrivals to this mean req/s")
+    p.add_argument("--rate-scale", type=float, default=None, metavar="X",
+                   help="multiply the trace's own arrival rate by X")
+    p.add_argument("--sweep", type=_rates, default=None, metavar="R1,R2,...",
+                   help="run every rate (req/s) and report the goodput: the highest rate meeting all SLOs")
     p.add_argument("--duration", type=float, default=None, metavar="S", help="first S seconds only")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N requests only")
+    p.add_argument("--slo", default=None, metavar="KEY=X,...",
+                   help="override slowdown targets, e.g. ttft_p99=6,tbt_p50=1.25 (default: Splitwise's)")
+    p.add_argument("--decode-axis", choices=("context", "requests"), default=None,
+                   help="profile decode cost by context tokens, or by requests as splitwise-sim does")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="synthetic arrivals: gamma shape (1 = Poisson, < 1 burstier)")
+    p.add_argument("--prompt-len", type=_lengths, default=1024, metavar="N|LO:HI",
+                   help="synthetic arrivals: prompt tokens")
+    p.add_argument("--output-len", type=_lengths, default=128, metavar="N|LO:HI",
+                   help="synthetic arrivals: output tokens")
+    p.add_argument("--lengths-from", default=None, metavar="CSV",
+                   help="synthetic arrivals: draw (prompt, output) lengths from this Azure trace")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the summary as JSON")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots into DIR")
+    p.add_argument("--json", default=None, metavar="PATH", help="write every run's report as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_cmd_simulate)

@@ -40,11 +40,12 @@ def _parse_timestamp(text: str) -> float:
 
 
 def load_azure_trace(path: str | Path, limit: int | None = None, duration_s: float | None = None,
-                     rate: float | None = None) -> list[Arrival]:
+                     rate: float | None = None, rate_scale: float | None = None) -> list[Arrival]:
     """Reads an Azure trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens).
 
     Arrival times are seconds from the first row. `limit` keeps the first rows only; `rate`
-    (requests/s) scales every inter-arrival gap so the trace's mean rate becomes `rate`;
+    (requests/s) scales every inter-arrival gap so the trace's mean rate becomes `rate`, or
+    `rate_scale` multiplies the trace's own rate (2: twice as many requests per second);
     `duration_s` then keeps the arrivals before that time. A request that generates 0 tokens
     is counted as generating 1 (the prefill always produces the first token).
     """
@@ -53,6 +54,10 @@ def load_azure_trace(path: str | Path, limit: int | None = None, duration_s: flo
         raise TraceError(f"limit must be >= 1, got {limit}")
     if rate is not None and not rate > 0:
         raise TraceError(f"rate must be > 0 requests/s, got {rate}")
+    if rate_scale is not None and not rate_scale > 0:
+        raise TraceError(f"rate_scale must be > 0, got {rate_scale}")
+    if rate is not None and rate_scale is not None:
+        raise TraceError("give rate or rate_scale, not both")
     try:
         f = open(path, newline="")
     except OSError as e:
@@ -90,25 +95,56 @@ def load_azure_trace(path: str | Path, limit: int | None = None, duration_s: flo
     if rate is not None and len(offsets) > 1 and offsets[-1] > 0:
         scale = (len(offsets) - 1) / offsets[-1] / rate  # trace's mean rate / target rate
         offsets = [t * scale for t in offsets]
+    elif rate_scale is not None:
+        offsets = [t / rate_scale for t in offsets]
     arrivals = [Arrival(t, p, o) for t, (p, o) in zip(offsets, lengths)]
     if duration_s is not None:
         arrivals = [a for a in arrivals if a.arrival_s < duration_s]
     return arrivals
 
 
+LengthSpec = int | tuple[int, int] | list[tuple[int, int]]
+"""A fixed count, an inclusive (low, high) range drawn uniformly, or (prompt, output) pairs to
+draw from (e.g. a trace's lengths, `trace_lengths`)."""
+
+
 def poisson_arrivals(rate: float, duration_s: float, prompt_len: int | tuple[int, int],
                      output_len: int | tuple[int, int], seed: int = 0) -> list[Arrival]:
     """Poisson arrivals at `rate` requests/s for `duration_s` seconds. A length is a fixed
     count or an inclusive (low, high) range drawn uniformly. The same seed gives the same list."""
+    return gamma_arrivals(rate, duration_s, prompt_len, output_len, burstiness=1.0, seed=seed)
+
+
+def gamma_arrivals(rate: float, duration_s: float, prompt_len: LengthSpec,
+                   output_len: LengthSpec | None, burstiness: float = 1.0,
+                   seed: int = 0) -> list[Arrival]:
+    """Arrivals at mean `rate` requests/s with gamma inter-arrival gaps of shape `burstiness`
+    (1: Poisson; below 1 burstier, above 1 more regular, as vLLM's benchmark defines it). When
+    `prompt_len` is a list of (prompt, output) pairs, each request draws one pair and
+    `output_len` must be None. The same seed gives the same list."""
     if not rate > 0 or not duration_s > 0:
         raise ValueError(f"rate and duration_s must be > 0, got {rate}, {duration_s}")
+    if not burstiness > 0:
+        raise ValueError(f"burstiness must be > 0, got {burstiness}")
+    pairs = isinstance(prompt_len, list)
+    if pairs and (not prompt_len or output_len is not None):
+        raise ValueError("length pairs need a non-empty list and no separate output_len")
     rng = random.Random(seed)
 
     def draw(spec: int | tuple[int, int]) -> int:
         return rng.randint(*spec) if isinstance(spec, tuple) else spec
 
-    arrivals, t = [], rng.expovariate(rate)
+    def gap() -> float:
+        return rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+
+    arrivals, t = [], gap()
     while t < duration_s:
-        arrivals.append(Arrival(t, draw(prompt_len), draw(output_len)))
-        t += rng.expovariate(rate)
+        p, o = rng.choice(prompt_len) if pairs else (draw(prompt_len), draw(output_len))
+        arrivals.append(Arrival(t, p, o))
+        t += gap()
     return arrivals
+
+
+def trace_lengths(path: str | Path, limit: int | None = None) -> list[tuple[int, int]]:
+    """The (prompt, output) lengths of a trace's requests, for synthetic arrivals."""
+    return [(a.prompt_len, a.output_len) for a in load_azure_trace(path, limit=limit)]

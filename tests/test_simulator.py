@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from cls.sim_report import SPLITWISE_SLO, Reference, SloError, SloReport, goodput_rate, parse_slo
 from cls.simulator import ClusterDesign, Simulator, percentile
-from cls.traces import Arrival, TraceError, load_azure_trace, poisson_arrivals
+from cls.traces import Arrival, TraceError, gamma_arrivals, load_azure_trace, poisson_arrivals
 from engine.modelled import LINKS, MODEL_SHAPES, LatencyModel, ProfileLatencyModel, kv_transfer_s
 from tests.conftest import SHARED
 
@@ -154,6 +155,74 @@ def test_realistic_run_on_the_profile(profile):
     assert result.tbt_s(50) >= profile.decode_s(1, 200)
 
 
+def test_colocated_design_runs_each_request_on_one_machine_by_jsq():
+    arrivals = poisson_arrivals(8, 10, (100, 1500), (5, 50), seed=9)
+    d = design(num_prompt=0, num_token=3, kv_blocks=3000, colocated=True)
+    sim = Simulator(d, FakeLatency())
+    result = sim.run(arrivals)
+    assert len(result.finished) == len(arrivals) and not result.pool_events
+    assert all(r.colocated for r in result.requests)
+    assert len({r.token_machine for r in result.requests}) == 3  # the load spread over all three
+    assert all(m.role == m.home and m.pending_decode_tokens == 0 for m in sim.pools.machines.values())
+    r0 = result.requests[0]  # first and alone: the prefill's token comes with no transfer
+    assert r0.ttft_s == pytest.approx(0.010 + 0.001 * r0.prompt_len)
+
+
+def test_an_uncontended_request_on_the_reference_machine_has_slowdown_one(profile):
+    a100 = ProfileLatencyModel.from_csv(PROFILE, model="llama2-70b", hardware="a100-80gb",
+                                        tensor_parallel=8)
+    d = design(num_prompt=0, num_token=1, kv_blocks=20000, colocated=True)
+    result = Simulator(d, a100, keep_token_times=False).run([Arrival(0.0, 1500, 40)])
+    report = SloReport.of(result, Reference(a100), SPLITWISE_SLO)
+    for key, value in report.values.items():
+        assert value == pytest.approx(1.0, rel=0.01), key
+    assert report.all_met and report.num_met == 9 and report.worst_ratio == pytest.approx(1 / 1.25, rel=0.01)
+
+
+def test_slo_targets_parse_and_goodput_is_the_highest_rate_meeting_all():
+    assert parse_slo(None) == SPLITWISE_SLO
+    assert parse_slo("ttft_p99=4, tbt_p50=2")["ttft_p99"] == 4.0
+    for bad, message in (("ttft_p98=3", "unknown SLO key"), ("ttft_p99", "KEY=SLOWDOWN"),
+                         ("e2e_p50=x", "not a number"), ("e2e_p50=0", "must be > 0")):
+        with pytest.raises(SloError, match=message):
+            parse_slo(bad)
+    ok = SloReport(dict.fromkeys(SPLITWISE_SLO, 1.0), SPLITWISE_SLO)
+    slow = SloReport({**dict.fromkeys(SPLITWISE_SLO, 1.0), "tbt_p99": 5.5}, SPLITWISE_SLO)
+    assert not slow.all_met and slow.num_met == 8 and slow.met["tbt_p99"] is False
+    assert goodput_rate([(10, ok), (20, ok), (30, slow)]) == 20
+    assert goodput_rate([(10, slow)]) is None
+    nothing = SloReport(dict.fromkeys(SPLITWISE_SLO, float("nan")), SPLITWISE_SLO)
+    assert nothing.num_met == 0  # no finished request never meets a target
+
+
+def test_synthetic_gamma_arrivals_are_seeded_and_burstiness_changes_the_spread():
+    lengths = [(100, 5), (2000, 50)]
+    a = gamma_arrivals(50, 40, lengths, None, burstiness=0.25, seed=3)
+    assert a == gamma_arrivals(50, 40, lengths, None, burstiness=0.25, seed=3)
+    assert {(x.prompt_len, x.output_len) for x in a} == set(lengths)
+    smooth = gamma_arrivals(50, 40, 10, 5, burstiness=4.0, seed=3)
+    for arr in (a, smooth):
+        assert len(arr) / 40 == pytest.approx(50, rel=0.15)
+
+    def gap_cv(arr):
+        gaps = [y.arrival_s - x.arrival_s for x, y in zip(arr, arr[1:])]
+        mean = sum(gaps) / len(gaps)
+        return (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean
+    assert gap_cv(a) > 1.5 > 0.8 > gap_cv(smooth)  # cv = 1 / sqrt(shape): 2 and 0.5
+    with pytest.raises(ValueError, match="burstiness"):
+        gamma_arrivals(5, 1, 10, 5, burstiness=0)
+
+
+def test_simulated_results_are_deterministic_for_a_seed_at_scale(profile):
+    arrivals = gamma_arrivals(40, 20, (100, 4000), (1, 300), burstiness=0.5, seed=12)
+    d = design(num_prompt=3, num_token=2, kv_blocks=4000, model_shape=LLAMA, tensor_parallel=8)
+    runs = [Simulator(d, profile, seed=5, keep_token_times=False).run(arrivals) for _ in range(2)]
+    assert runs[0].summary() == runs[1].summary()
+    assert runs[0].pool_events == runs[1].pool_events and list(runs[0].tbt_gaps_s) == list(runs[1].tbt_gaps_s)
+    assert [(r.prompt_machine, r.token_machine, r.finish_s) for r in runs[0].requests] == \
+        [(r.prompt_machine, r.token_machine, r.finish_s) for r in runs[1].requests]
+
+
 def test_percentile_interpolates_between_ranks():
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile([5.0], 99) == 5.0
@@ -208,10 +277,44 @@ def test_clsctl_simulate_runs_a_design_over_a_trace(tmp_path):
                           "--trace", str(trace), "--limit", "200", "--rate", "5", "--json", str(out)],
                          cwd=root, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    summary = json.loads(out.read_text())
-    assert summary["num_finished"] == 200 and summary["num_rejected"] == 0
-    assert 0 < summary["ttft_p50_s"] <= summary["ttft_p99_s"] and "ttft (s)" in run.stdout
+    (report,) = json.loads(out.read_text())["designs"]["t"]["runs"]
+    assert report["num_finished"] == 200 and report["num_rejected"] == 0
+    assert 0 < report["ttft_p50_s"] <= report["ttft_p99_s"] and "SLO targets met:" in run.stdout
+    assert set(report["slo"]["slowdown"]) == set(SPLITWISE_SLO) and "200/200" in run.stderr
     design.write_text("name: t\nnum_prompt: 2\nnum_tokens: 2\n")
     bad = subprocess.run([sys.executable, "-m", "cls.clsctl", "simulate", "--cluster", str(design),
                           "--trace", str(trace)], cwd=root, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "unknown key num_tokens" in bad.stderr
+
+
+def test_clsctl_simulate_sweeps_two_designs_and_writes_goodput_plots_and_json(tmp_path):
+    profile = SHARED / "profiles" / "splitwise_perf_model.csv"
+    if not profile.is_file():
+        pytest.skip(f"needs {profile} (../shared beside the repository)")
+    split, coloc = tmp_path / "split.yaml", tmp_path / "coloc.yaml"
+    split.write_text(f"name: split\nnum_prompt: 1\nnum_token: 1\nprofile: {profile}\n")
+    coloc.write_text(f"name: coloc\ncolocated: true\nnum_prompt: 0\nnum_token: 2\nprofile: {profile}\n")
+    out, plots = tmp_path / "sweep.json", tmp_path / "plots"
+    cmd = [sys.executable, "-m", "cls.clsctl", "simulate", "--cluster", str(split), "--cluster", str(coloc),
+           "--duration", "30", "--sweep", "0.2,1,40", "--prompt-len", "200:2000", "--output-len", "20:200",
+           "--seed", "4", "--json", str(out), "--plots", str(plots), "--no-progress"]
+    run = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(out.read_text())
+    for name in ("split", "coloc"):
+        runs = doc["designs"][name]["runs"]
+        assert [r["rate"] for r in runs] == [0.2, 1, 40]
+        met = [r["slo"]["all_met"] for r in runs]
+        goodput = doc["designs"][name]["goodput_rate"]
+        assert goodput == max((r["rate"] for r, m in zip(runs, met) if m), default=None)
+        assert runs[0]["slo"]["all_met"] and not runs[-1]["slo"]["all_met"]  # idle vs overloaded
+    a, b = doc["designs"]["split"]["goodput_rate"], doc["designs"]["coloc"]["goodput_rate"]
+    assert doc["goodput_ratios"]["split/coloc"] == pytest.approx(a / b)
+    assert "goodput ratio split / coloc" in run.stdout
+    for png in ("ttft_cdf", "tbt_cdf", "e2e_cdf", "slo_vs_rate", "pools_split", "pools_coloc"):
+        assert (plots / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert doc["designs"]["coloc"]["runs"][-1]["num_pool_moves"] == 0  # colocated never borrows
+    bad = subprocess.run(cmd[:6] + ["--sweep", "1,-2"], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert bad.returncode == 2 and "rates must be > 0" in bad.stderr
