@@ -4,6 +4,8 @@ scheduler would drive them."""
 from __future__ import annotations
 
 import asyncio
+import glob
+import os
 import random
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from engine.sequence import SamplingParams
 from proto import mlsd_pb2 as pb
 from tests.mls_driver import ROOT, Driver, MachineProc
 
-TRANSPORTS = ["tcp", "ucx"]
+TRANSPORTS = ["tcp", "ucx", "shm"]
 
 
 def _machine_config(model_dir, role: str, transport: str, **engine) -> dict:
@@ -79,6 +81,9 @@ def test_32_concurrent_requests_match_one_engine(demo_model_dir, tmp_path, promp
                 return results, loads
 
         results, loads = asyncio.run(run())
+        segments = [glob.glob(f"/dev/shm/mls-kv-{m.proc.pid}-*") for m in (prompt_m, token_m)]
+        if transport == "shm":  # the KV caches live in shared memory while the daemons run
+            assert all(len(s) == 1 for s in segments), segments
         for i, r in enumerate(results):
             assert r.status == "FINISHED", (r, token_m.log()[-2000:])
             assert r.tokens == reference[i], i
@@ -90,6 +95,7 @@ def test_32_concurrent_requests_match_one_engine(demo_model_dir, tmp_path, promp
             f"http://127.0.0.1:{token_m.ready['metrics_port']}/metrics", timeout=5).read().decode()
         assert "mlsd_kv_received_bytes_total" in metrics and "mlsd_decode_step_seconds" in metrics
         assert prompt_m.stop() == 0 and token_m.stop() == 0
+        assert not [p for s in segments for p in s if os.path.exists(p)], "a segment outlived SIGTERM"
     finally:
         prompt_m.kill()
         token_m.kill()
