@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mls.policy.mixed import DEFAULT_MAX_NUM_BATCHED_TOKENS, MIXED_POLICIES
+
 ROLES = ("prompt", "token", "mixed")
 TRANSPORTS = ("tcp", "ucx", "local", "shm")
 
@@ -38,6 +40,13 @@ class EngineSection:
 class SchedulerSection:
     prompt_token_cap: int = 2048
     max_queue_len: int = 1024
+    mixed_policy: str = "prompt_first"
+    """How colocated (Generate) work is batched: `prompt_first` prefills whole prompts and decodes
+    in the steps between; `chunked` mixes decode tokens and prompt chunks in every step under
+    `max_num_batched_tokens` (chunked prefill)."""
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    """chunked: tokens per step, decodes and prompt chunks together (at least engine.max_num_seqs,
+    so the token work's decodes alone always fit)."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,16 @@ class MlsConfig:
         if self.kv_transfer.transport not in TRANSPORTS:
             raise ConfigError(f"kv_transfer.transport must be one of {TRANSPORTS}, "
                               f"got {self.kv_transfer.transport!r}")
+        if self.scheduler.mixed_policy not in MIXED_POLICIES:
+            raise ConfigError(f"scheduler.mixed_policy must be one of {MIXED_POLICIES}, "
+                              f"got {self.scheduler.mixed_policy!r}")
+        if (self.scheduler.mixed_policy == "chunked"
+                and self.scheduler.max_num_batched_tokens < self.engine.max_num_seqs):
+            raise ConfigError(f"scheduler.max_num_batched_tokens ({self.scheduler.max_num_batched_tokens})"
+                              f" must be at least engine.max_num_seqs ({self.engine.max_num_seqs}) "
+                              "with mixed_policy chunked: every decode of a full batch must fit a step")
         for key, value in (("scheduler.prompt_token_cap", self.scheduler.prompt_token_cap),
+                           ("scheduler.max_num_batched_tokens", self.scheduler.max_num_batched_tokens),
                            ("scheduler.max_queue_len", self.scheduler.max_queue_len),
                            ("kv_transfer.timeout_s", self.kv_transfer.timeout_s),
                            ("kv_transfer.start_timeout_s", self.kv_transfer.start_timeout_s),

@@ -11,10 +11,12 @@ cluster scheduler may lend it to another pool at run time. Life cycle of a reque
 3. AddDecode (token work): the TokenScheduler reserves blocks FCFS (RESERVED event), the KV
    receiver fills them, and a request whose transfer is DONE joins the decode batch; a FAILED
    transfer (peer dead or hung past the deadline) frees the blocks and ends the request FAILED.
-4. Generate (colocated work): the MixedScheduler prefills it locally, prompts first, then it
-   decodes here.
-5. One turn (`_run`) serves all three: admit decodes, one prompt batch, the mixed plan's
-   prefill, then ONE decode call for every request that is decoding, token and mixed alike.
+4. Generate (colocated work): the MixedScheduler prefills it locally, then it decodes here; with
+   `scheduler.mixed_policy: prompt_first` whole prompts run first, with `chunked` every step
+   carries the decodes plus prompt chunks under `scheduler.max_num_batched_tokens`.
+5. One turn (`_run`) serves all three: admit decodes, one prompt batch, then either the mixed
+   plan's prefill and ONE decode call for every request that is decoding, token and mixed alike
+   (prompt_first), or ONE mixed step of every decode and the plan's prompt chunks (chunked).
    Token and mixed reservations share one BlockBudget (one KV pool per machine); a prompt batch
    uses the engine's actual free blocks, since its blocks are freed in the same turn.
 6. Each turn ends by publishing the turn's tokens and events as one message (`emit`).
@@ -36,6 +38,7 @@ from mls.kv.base import KVReceiver, KVSender, TransferState
 from mls.kv.sink import EngineSink, kv_spec_for
 from mls.metrics import MlsMetrics
 from mls.policy import BlockBudget, Job, MixedScheduler, PromptScheduler, QueueFull, TokenScheduler
+from mls.policy.mixed import PromptChunk
 from mls.requests import Aborted, BadRequest, Failed, MlsRequest, Overloaded, PrefillResult
 
 log = logging.getLogger("mlsd.worker")
@@ -59,7 +62,8 @@ class EngineWorker:
         self.token_policy = TokenScheduler(n, bs, engine.config.max_num_seqs, sc.max_queue_len,
                                            budget=budget)
         self.mixed_policy = MixedScheduler(n, bs, sc.prompt_token_cap, engine.config.max_num_seqs,
-                                           sc.max_queue_len, budget=budget)
+                                           sc.max_queue_len, budget=budget, policy=sc.mixed_policy,
+                                           max_num_batched_tokens=sc.max_num_batched_tokens)
         self.requests: dict[str, MlsRequest] = {}
         self._receiving: dict[str, MlsRequest] = {}
         self._sending: dict[str, MlsRequest] = {}
@@ -133,11 +137,16 @@ class EngineWorker:
                 self._poll_transfers()  # KV arrived (joins the decode batch) or failed; sends done
                 self._admit_decodes()  # token work: reserve blocks FCFS; the KV may start to arrive
                 self._prompt_step()  # prompt work: one batch; its KV leaves, its blocks come back
-                plan = self.mixed_policy.schedule()  # colocated work: prompts first
-                if plan.prefill:
-                    self._local_prefill([self.requests[j.request_id] for j in plan.prefill])
-                decoding = [*self.token_policy.ready, *plan.decode]  # ONE decode call for all
-                self._decode_step([self.requests[i] for i in decoding])
+                if self.mixed_policy.chunked:  # colocated work: decodes + prompt chunks, one step
+                    plan = self.mixed_policy.schedule(len(self.token_policy.ready))
+                    decoding = [*self.token_policy.ready, *plan.decode]
+                    self._mixed_step([self.requests[i] for i in decoding], plan.chunks)
+                else:  # colocated work: prompts first
+                    plan = self.mixed_policy.schedule()
+                    if plan.prefill:
+                        self._local_prefill([self.requests[j.request_id] for j in plan.prefill])
+                    decoding = [*self.token_policy.ready, *plan.decode]  # ONE decode call for all
+                    self._decode_step([self.requests[i] for i in decoding])
             except Exception:  # a bug must not kill the machine silently
                 log.exception("engine step failed; failing the requests of this step")
                 self._fail_all_running("internal error in the engine step")
@@ -277,6 +286,40 @@ class EngineWorker:
             self._run_prefill(ok, hook=None)
             self._after_tokens(ok, [0] * len(ok))
 
+    def _mixed_step(self, decoding: list[MlsRequest], chunks: list[PromptChunk]) -> None:
+        """Chunked prefill: every decode and the plan's prompt chunks in ONE engine step. A
+        request's blocks (prompt + max_tokens) are reserved with its first chunk, as the policy
+        took them from the budget; its first token comes with its last chunk."""
+        now = time.monotonic()
+        work: list[tuple[MlsRequest, int]] = []
+        for c in chunks:
+            r = self.requests[c.job.request_id]
+            if c.start == 0:
+                try:
+                    self.engine.reserve(r.seq)
+                except KVCacheExhausted as e:  # the budget mirrors the pool: this is a bug
+                    self._fail(r, f"KV reservation failed: {e}")
+                    continue
+                r.prefill_start_s = now
+            work.append((r, c.num_tokens))
+        if not decoding and not work:
+            return
+        out = self.engine.step([r.seq for r in decoding], [(r.seq, n) for r, n in work],
+                               max_num_tokens=self.cfg.scheduler.max_num_batched_tokens)
+        elapsed_s = time.monotonic() - now
+        # The step's latency is what its decodes see as TBT and what its chunks add to TTFT.
+        num_chunk_tokens = sum(n for _, n in work)
+        if decoding:
+            self.metrics.decode_step.observe(elapsed_s)
+            self.metrics.batch_tokens.labels("decode").observe(len(decoding))
+        if work:
+            self.metrics.prefill_step.observe(elapsed_s)
+            self.metrics.batch_tokens.labels("prefill").observe(num_chunk_tokens)
+        self.metrics.batch_tokens.labels("mixed").observe(len(decoding) + num_chunk_tokens)
+        self._after_tokens(decoding, [len(r.seq.output_token_ids) - 1 for r in decoding])
+        first = [r for (r, _), tok in zip(work, out[len(decoding):]) if tok is not None]
+        self._after_tokens(first, [0] * len(first))
+
     # -- token work (AddDecode) ---------------------------------------------------------------
 
     def _admit_decodes(self) -> None:
@@ -357,7 +400,8 @@ class EngineWorker:
 
     def _fail_all_running(self, message: str) -> None:
         for r in list(self.requests.values()):
-            if r.seq.status == SeqStatus.RUNNING or r.kind == "prefill":
+            if (r.seq.status == SeqStatus.RUNNING or r.kind == "prefill"
+                    or r.request_id in self.mixed_policy.prefilling):  # mid-prompt (chunked)
                 self._fail(r, message)
 
     def _publish(self) -> None:
@@ -370,10 +414,10 @@ class EngineWorker:
         """A snapshot for the load report (read from any thread: plain ints, possibly a turn old)."""
         tp, mp = self.token_policy, self.mixed_policy
         return dict(
-            prompt_queue_len=len(self.prompt_policy.queue) + len(mp.queue),
+            prompt_queue_len=len(self.prompt_policy.queue) + len(mp.queue) + len(mp.prefilling),
             pending_prompt_tokens=self.prompt_policy.pending_tokens + mp.pending_prompt_tokens,
             decode_queue_len=len(tp.queue),
-            num_running=len(tp.ready) + len(tp.receiving) + len(mp.running),
+            num_running=len(tp.ready) + len(tp.receiving) + len(mp.running) + len(mp.prefilling),
             pending_decode_tokens=tp.pending_tokens + mp.pending_decode_tokens,
             kv_blocks_used=self.engine.num_blocks - self.engine.num_free_blocks,
             kv_blocks_free=self.engine.num_free_blocks,

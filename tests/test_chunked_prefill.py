@@ -5,6 +5,7 @@ requests decoding in the same steps; the per-step token budget holds; nothing le
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -16,7 +17,12 @@ from engine.kv_cache import KVCacheExhausted
 from engine.llm import LLM
 from engine.sequence import InvalidRequestError, SamplingParams, SeqStatus
 from mls.policy import Job, MixedScheduler
+from proto import mlsd_pb2 as pb
 from tests.conftest import hf_greedy, make_tiny_checkpoint
+from tests.mls_driver import Driver, MachineProc
+from tests.test_mlsd_e2e import _machine_config, _metric, _metrics, _sampling, prompts
+
+__all__ = ["prompts"]  # the fixture shared with the mlsd end-to-end tests
 
 SHAPES = {
     "llama-gqa": ("llama", {}),
@@ -222,3 +228,76 @@ def test_demo_model_bfloat16_chunked_equals_unchunked(demo_model_dir):
                 logits = hf(torch.tensor([long + got[:i]])).logits[0, -1]
             assert (logits.max() - logits[got[i]]).item() <= BF16_TIE_LOGITS, (size, i, got, want)
     assert eng.num_free_blocks == eng.num_blocks
+
+
+# -- mlsd: a real machine whose colocated work runs chunked --------------------------------------
+
+NUM_MLSD_PROMPTS = 16  # of the e2e prompts: enough to mix, cheap enough for a 2-core host
+
+
+@pytest.fixture(scope="module")
+def reference(demo_model_dir, prompts):
+    """One engine, unchunked (prompts first), float32: the e2e tests' reference, first prompts."""
+    eng = Engine(EngineConfig(model=str(demo_model_dir), dtype="float32", kv_cache_bytes=2**28))
+    few = prompts[:NUM_MLSD_PROMPTS]
+    params = [SamplingParams(max_tokens=8 + i % 5, ignore_eos=True) for i in range(len(few))]
+    return [s.output_token_ids for s in LLM(eng).generate(few, params)]
+
+
+def test_mlsd_chunked_mixed_machine_matches_one_engine_and_keeps_its_budget(
+        demo_model_dir, tmp_path, prompts, reference):
+    """A real mlsd in the mixed role with `mixed_policy: chunked` and a 64-token budget serves 16
+    concurrent Generate calls (prompts up to 511 tokens: many chunks each, beside the decodes of
+    the others): the tokens equal one engine's, no step exceeded the budget (its histogram), a
+    request aborted mid-prompt frees its blocks, and nothing is left held at the end."""
+    cfg = _machine_config(demo_model_dir, "mixed", "tcp", max_num_seqs=32)
+    cfg["machine_id"] = "mixed-0"
+    cfg["scheduler"].update(mixed_policy="chunked", max_num_batched_tokens=64)
+    machine = MachineProc(tmp_path, "mixed", cfg)
+    long_prompt = [5 + i % 300 for i in range(2000)]
+    try:
+        machine.start()
+
+        async def run():
+            async with Driver(machine.address, machine.address) as d:
+                results = await asyncio.gather(*[d.generate_colocated(p, _sampling(i)) for i, p
+                                                 in enumerate(prompts[:NUM_MLSD_PROMPTS])])
+                # Abort a long prompt once it is partly prefilled (its rest still pending).
+                q = d.watch("long")
+                await d.token.Generate(pb.GenerateRequest(request=pb.RequestSpec(
+                    request_id="long", prompt_token_ids=long_prompt,
+                    sampling=pb.SamplingParams(max_tokens=4))))
+                async with asyncio.timeout(60):
+                    while True:
+                        load = await d.token.GetLoad(pb.LoadRequest())
+                        if 0 < load.pending_prompt_tokens < len(long_prompt):
+                            break
+                        await asyncio.sleep(0.01)
+                await d.token.Abort(pb.AbortRequest(request_id="long"))
+                aborted = await d.next_event(q, "ABORTED", timeout_s=10)
+                return results, load, aborted, await d.token.GetLoad(pb.LoadRequest())
+
+        results, mid, aborted, after = asyncio.run(run())
+        for i, r in enumerate(results):
+            assert r.status == "FINISHED", (r, machine.log()[-2000:])
+            assert r.tokens == reference[i], i
+        assert mid.kv_blocks_used >= -(-len(long_prompt) // 16) and aborted.num_output_tokens == 0
+        assert after.kv_blocks_used == 0 and after.num_running == 0 and after.pending_prompt_tokens == 0
+        metrics = _metrics(machine)
+        steps = _metric(metrics, 'mlsd_batch_size_count{phase="mixed"}')
+        assert steps > 0 and _metric(metrics, 'mlsd_batch_size_bucket{le="64.0",phase="mixed"}') == steps
+        # It really mixed: more steps carried prompt chunks than there are prompts.
+        assert _metric(metrics, 'mlsd_batch_size_count{phase="prefill"}') > NUM_MLSD_PROMPTS
+        assert machine.stop() == 0
+    finally:
+        machine.kill()
+
+
+def test_mlsd_refuses_an_unknown_mixed_policy_naming_the_key(demo_model_dir, tmp_path):
+    cfg = _machine_config(demo_model_dir, "mixed", "tcp")
+    cfg["scheduler"]["mixed_policy"] = "splitfuse"
+    machine = MachineProc(tmp_path, "bad", cfg)
+    with pytest.raises(RuntimeError, match="did not become ready"):
+        machine.start(timeout_s=60)
+    assert machine.proc.wait(10) == 2
+    assert "scheduler.mixed_policy must be one of" in machine.log()
