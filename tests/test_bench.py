@@ -309,6 +309,15 @@ def test_failed_requests_are_counted_not_fatal(demo_model_dir, tmp_path):
     assert result["failed"] == 3 and all(e.startswith("Unavailable") for e in result["errors"])
 
 
+def test_openai_backend_without_a_server_is_a_clear_error(demo_model_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = _clsctl("--backend", "openai", "--base-url", f"http://127.0.0.1:{port}", "--tokenizer",
+                str(demo_model_dir), "--num-prompts", "2", "--random-input-len", "4", timeout=60)
+    assert r.returncode == 1 and f"error: GET http://127.0.0.1:{port}/v1/models: Connect" in r.stderr
+
+
 # --- against a real local cluster ------------------------------------------------------------
 
 HAVE_OPENAI_HTTP = (ROOT / "cls" / "openai_http.py").is_file()

@@ -91,7 +91,10 @@ class OpenAIBackend:
 
     async def served_model(self) -> str:
         """The first model of GET /v1/models (used when --model is not given)."""
-        reply = await self._http.get("/v1/models")
+        try:
+            reply = await self._http.get("/v1/models")
+        except httpx.HTTPError as e:
+            raise RuntimeError(f"GET {self.base_url}/v1/models: {type(e).__name__}: {e}") from None
         if reply.status_code != 200:
             raise RuntimeError(f"GET /v1/models: {error_message(reply.status_code, reply.content)}")
         models = reply.json().get("data") or []
