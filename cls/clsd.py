@@ -72,7 +72,8 @@ async def serve(cfg: ClsConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(json.dumps({"event": "READY", "grpc_port": port, "metrics_port": metrics_port,
-                      "http_port": http.port if http else None}), flush=True)
+                      "http_port": http.port if http else None, "model": cfg.served_model_name,
+                      "http_api_key_required": cfg.http.api_key_file is not None}), flush=True)
     log.info("serving on %s:%d after %.1f s", cfg.host, port, time.monotonic() - t0)
     if http:
         log.info("OpenAI-compatible HTTP on http://%s:%d/v1 (model %r)", http.host, http.port,

@@ -179,6 +179,28 @@ class LocalCluster:
     def metrics_port(self) -> int | None:
         return self.clsd.ready.get("metrics_port")
 
+    @property
+    def http_url(self) -> str | None:
+        """Base URL of clsd's OpenAI-compatible HTTP API (`.../v1`); None when it is off."""
+        port = self.clsd.ready.get("http_port")
+        return f"http://127.0.0.1:{port}/v1" if port else None
+
+    def http_help(self) -> str:
+        """How to reach the OpenAI-compatible API: a curl line and the openai client."""
+        url, model = self.http_url, self.clsd.ready.get("model", "")
+        if url is None:
+            return ""
+        key = "<the key in http.api_key_file>" if self.clsd.ready.get("http_api_key_required") else "none"
+        auth = f" -H 'Authorization: Bearer {key}'" if key != "none" else ""
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}],
+                           "max_tokens": 32})
+        return (f"OpenAI-compatible HTTP at {url} (model {model!r}):\n"
+                f"  curl {url}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n"
+                f"  from openai import OpenAI\n"
+                f"  client = OpenAI(base_url=\"{url}\", api_key=\"{key}\")\n"
+                f"  client.chat.completions.create(model=\"{model}\", messages=[{{\"role\": \"user\", "
+                f"\"content\": \"Hello!\"}}]).choices[0].message.content\n")
+
     def client(self) -> ClsClient:
         return ClsClient(self.address, admin_token_file=self.token_file)
 

@@ -35,6 +35,8 @@ From Python:
   client = ClsClient("{addr}", admin_token_file="{token}")
   print(client.generate({py_q}, chat=True).text)
 """)
+    if http := cluster.http_help():
+        print(http)
 
 
 def _cmd_local_up(args: argparse.Namespace) -> int:

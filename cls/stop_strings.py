@@ -3,7 +3,8 @@
 Text arrives in arbitrary deltas, and a stop string may be split across them, so the matcher
 holds back the last `len(longest stop) - 1` characters until they can no longer start a stop
 string. The output is the same whatever the chunking: the concatenation of everything `feed`
-and `flush` return equals the whole text truncated before the earliest stop string.
+and `flush` return is the text up to where the first stop string to be completed begins (as if
+the text were fed one character at a time and stopped at once).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ class StopMatcher:
             return ""
         text = self._pending + delta
         # Every stop string that ends in the returned text was looked for already: any match
-        # starts in `text`, and the earliest one wins.
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        # lies in `text`. The one that ends first wins (generation would have stopped there),
+        # then the longer of those ending together, so the cut does not depend on the chunking.
+        hits = [(i + len(s), i) for s in self.stops if (i := text.find(s)) >= 0]
         if hits:
             self.stopped, self._pending = True, ""
-            return text[:min(hits)]
+            return text[:min(hits)[1]]
         cut = max(0, len(text) - self._hold_len)
         self._pending = text[cut:]
         return text[:cut]
