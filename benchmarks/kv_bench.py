@@ -10,7 +10,7 @@ each layer from the prefill hook), a child is the token machine (engine + KV rec
 straight into reserved blocks). Both read CLOCK_MONOTONIC, which is system-wide on Linux, so
 their timestamps compare directly.
 
-    .venv/bin/python benchmarks/kv_bench.py [--transports tcp,ucx] [--lengths 128,...,4096]
+    .venv/bin/python benchmarks/kv_bench.py [--transports tcp,ucx,shm] [--lengths 128,...,4096]
         [--repeats 3] [--dtype bfloat16] [--json PATH]
 """
 
@@ -30,11 +30,12 @@ sys.path.insert(0, str(REPO))
 LENGTHS = (128, 256, 512, 1024, 2048, 4096)
 
 
-def _engine(model: str, dtype: str):
+def _engine(model: str, dtype: str, shared_memory: bool = False):
     from engine.config import EngineConfig
     from engine.engine import Engine
 
-    return Engine(EngineConfig(model=model, dtype=dtype, kv_cache_bytes=2**30, max_num_seqs=4))
+    return Engine(EngineConfig(model=model, dtype=dtype, kv_cache_bytes=2**30, max_num_seqs=4,
+                               kv_cache_shared_memory=shared_memory))
 
 
 def _spec(engine, request_id: str, num_tokens: int):
@@ -52,7 +53,7 @@ def token_machine(conn, model: str, dtype: str, transport: str) -> None:
     from mls.kv.factory import make_receiver
     from mls.kv.sink import EngineSink
 
-    engine = _engine(model, dtype)
+    engine = _engine(model, dtype, shared_memory=transport == "shm")  # as mlsd sets it up
     receiver = make_receiver(transport)
     conn.send(receiver.address())
     while (msg := conn.recv()) is not None:
@@ -69,6 +70,7 @@ def token_machine(conn, model: str, dtype: str, transport: str) -> None:
         engine.free(seq)
         conn.send((done_s, st.state.name, st.error))
     receiver.close()
+    engine.kv.close()  # unlinks the shm segment, whatever way this child exits
 
 
 def run_transport(args, transport: str, engine) -> list[dict]:
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(REPO / "models" / "SmolLM2-135M-Instruct"))
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--transports", default="tcp,ucx")
+    p.add_argument("--transports", default="tcp,ucx,shm")
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)

@@ -1,13 +1,14 @@
 """Raw KV transport throughput: two real processes on loopback, compared with a same-run memcpy.
 
-What it measures, per transport (`tcp`, `ucx`; `local` in one process, as a reference):
+What it measures, per transport (`tcp`, `ucx`, `shm`; `local` in one process, as a reference):
 1. throughput: a receiver process (this script, `--role receiver`) expects one request at a time
    into an engine-like sink (a [layers, slots, 2, kv_heads, head_dim] cache cut into 16-token
    blocks, in shuffled block order, warmed); this process opens the transfer, queues all 30
    layers and finish(), and times open -> handle DONE (the receiver acks only after the last
-   byte is in the sink). Prompts of 128..4096 tokens, demo model shape (3 KV heads, head dim 64,
-   bfloat16: 768 bytes per token per layer). GB/s = bytes / time; median and best of the repeats
-   after one warm-up transfer per size.
+   byte is in the sink; for shm the sink's cache is a /dev/shm segment, as a token machine's is,
+   with the engine sink's `layer_spans` fast path). Prompts of 128..4096 tokens, demo model
+   shape (3 KV heads, head dim 64, bfloat16: 768 bytes per token per layer). GB/s = bytes /
+   time; median and best of the repeats after one warm-up transfer per size.
 2. memcpy: a warmed torch copy of the same number of bytes in this process (all threads), same
    run, and a one-thread memmove (a transport's copy runs on one thread); the ratios are the
    figures to compare across machines. Below 32 MiB both copies run from the L3 cache, which
@@ -19,7 +20,7 @@ What it measures, per transport (`tcp`, `ucx`; `local` in one process, as a refe
 Waits while another benchmark runs (`pgrep -f engine_bench`): the machine has 2 cores. From the
 repo root:
 
-    .venv/bin/python benchmarks/kv_transport_bench.py [--quick] [--transports tcp,ucx,local]
+    .venv/bin/python benchmarks/kv_transport_bench.py [--quick] [--transports tcp,ucx,shm,local]
         [--tokens 128,512,1024,2048,4096] [--repeats 5] [--idle-s 3] [--json PATH]
 """
 
@@ -29,6 +30,7 @@ import argparse
 import ctypes
 import datetime
 import json
+import math
 import os
 import platform
 import random
@@ -57,11 +59,19 @@ class BlockSink:
     """Engine-like sink: each layer lands in shuffled 16-token blocks of one big cache tensor
     (the worst case: no two blocks adjacent), or, with block_tokens=None, in one buffer."""
 
-    def __init__(self, max_tokens: int, block_tokens: int | None = BLOCK_TOKENS, seed: int = 0):
+    def __init__(self, max_tokens: int, block_tokens: int | None = BLOCK_TOKENS, seed: int = 0,
+                 shared: bool = False):
         self.block_tokens = block_tokens or max_tokens
         num_blocks = -(-max_tokens // self.block_tokens)
-        self.cache = torch.ones(NUM_LAYERS, num_blocks * self.block_tokens, 2, NUM_KV_HEADS, HEAD_DIM,
-                                dtype=getattr(torch, DTYPE))  # ones: pages touched before timing
+        shape = (NUM_LAYERS, num_blocks * self.block_tokens, 2, NUM_KV_HEADS, HEAD_DIM)
+        if shared:  # the shm transport writes into it from the sender process
+            from engine.shared_memory import SharedSegment
+
+            self.segment = SharedSegment(math.prod(shape) * getattr(torch, DTYPE).itemsize)
+            self.cache = self.segment.tensor(shape, getattr(torch, DTYPE))
+        else:
+            self.cache = torch.empty(shape, dtype=getattr(torch, DTYPE))
+        self.cache.fill_(1)  # pages touched before timing
         self.blocks = random.Random(seed).sample(range(num_blocks), num_blocks)
         self.num_tokens = max_tokens
 
@@ -72,6 +82,18 @@ class BlockSink:
     def layer_buffers(self, layer: int) -> list[torch.Tensor]:
         n, bs, cache = self.num_tokens, self.block_tokens, self.cache[layer]
         return [cache[b * bs: b * bs + min(bs, n - i * bs)] for i, b in enumerate(self.blocks[: -(-n // bs)])]
+
+    def layer_spans(self, layer: int) -> list[tuple[int, int]]:
+        """Raw (address, nbytes) of layer_buffers' memory, like EngineSink.layer_spans."""
+        n, bs, cache = self.num_tokens, self.block_tokens, self.cache[layer]
+        base, token_bytes = cache.data_ptr(), cache.stride(0) * cache.element_size()
+        return [(base + b * bs * token_bytes, min(bs, n - i * bs) * token_bytes)
+                for i, b in enumerate(self.blocks[: -(-n // bs)])]
+
+    def span_pattern(self) -> tuple[list[tuple[int, int]], list[int]]:
+        """Like EngineSink.span_pattern: layer 0's spans and each layer's shift from them."""
+        stride = self.cache.stride(0) * self.cache.element_size()
+        return self.layer_spans(0), [i * stride for i in range(NUM_LAYERS)]
 
     def layer_received(self, layer: int) -> None:
         pass
@@ -94,7 +116,7 @@ def cpu_percent(seconds: float) -> float:
 
 def receiver_main(transport: str, max_tokens: int, block_tokens: int | None) -> None:
     receiver = make_receiver(transport)
-    sink = BlockSink(max_tokens, block_tokens)
+    sink = BlockSink(max_tokens, block_tokens, shared=transport == "shm")
     print(json.dumps({"address": receiver.address().hex()}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -266,7 +288,7 @@ def markdown(results: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--role", default="main", choices=("main", "receiver"))
-    ap.add_argument("--transports", default="tcp,ucx,local")
+    ap.add_argument("--transports", default="tcp,ucx,shm,local")
     ap.add_argument("--sinks", default="blocks,contiguous", help="sink layouts: blocks, contiguous")
     ap.add_argument("--tokens", default="128,512,1024,2048,4096")
     ap.add_argument("--repeats", type=int, default=5)

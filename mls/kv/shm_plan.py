@@ -24,7 +24,6 @@ from engine.shared_memory import NAME_RE, find_segment
 from mls.kv.base import KVSink, KVSpec
 from mls.kv.wire import ProtocolError, buffer_spans
 
-BIG_SPAN_BYTES = 1 << 20  # torch's multi-threaded copy pays off above this
 MIN_ROW_RUN = 4  # equal spans copied by one numpy row scatter (one C loop, not a Python loop)
 
 
@@ -42,28 +41,52 @@ def sink_spans(sink: KVSink, spec: KVSpec, layer: int) -> list[tuple[int, int]]:
     return spans
 
 
+def sink_layout(sink: KVSink, spec: KVSpec) -> tuple[list[tuple[int, int]], list[int]] | list:
+    """(layer 0's spans, each layer's address shift from them) when every layer is a shifted copy
+    of layer 0, else every layer's spans. A sink's optional `span_pattern()` (EngineSink: one
+    block table, a fixed layer stride) answers the first form without listing 30 layers."""
+    pattern = getattr(sink, "span_pattern", None)
+    if pattern is not None:
+        spans0, shifts = pattern()
+        if sum(size for _, size in spans0) != spec.layer_nbytes or len(shifts) != spec.num_layers:
+            raise ValueError(f"sink span pattern does not describe {spec.num_layers} layers of "
+                             f"{spec.layer_nbytes} bytes")
+        return spans0, shifts
+    layers = [sink_spans(sink, spec, i) for i in range(spec.num_layers)]
+    base0, shifts = layers[0][0][0], []
+    rel = [(a - base0, s) for a, s in layers[0]]
+    for spans in layers:
+        base = spans[0][0]
+        if [(a - base, s) for a, s in spans] != rel:
+            return layers
+        shifts.append(base - base0)
+    return layers[0], shifts
+
+
 def make_placement(spec: KVSpec, sink: KVSink, window_s: float) -> dict:
     """The receiver's placement for one transfer (inline when the sink is not in a segment)."""
-    layers = [sink_spans(sink, spec, i) for i in range(spec.num_layers)]
-    found = find_segment(layers[0][0][0], layers[0][0][1])
+    layout = sink_layout(sink, spec)
+    if isinstance(layout, tuple):
+        spans0, shifts = layout
+        first = spans0[0]
+        lowest = min(a for a, _ in spans0) + min(shifts)
+        highest = max(a + s for a, s in spans0) + max(shifts)
+    else:
+        first = layout[0][0]
+        lowest = min(a for sp in layout for a, _ in sp)
+        highest = max(a + s for sp in layout for a, s in sp)
+    found = find_segment(first[0], first[1])
     if found is None:
         return {"mode": "inline", "reason": "the receiver's KV memory is not in a shared-memory "
                 "segment (engine.kv_cache_shared_memory is off, or a device engine)"}
     seg = found[0]
-    lo, hi = seg.address, seg.address + seg.nbytes
-    if any(not (lo <= a and a + s <= hi) for spans in layers for a, s in spans):
+    lo = seg.address
+    if lowest < lo or highest > lo + seg.nbytes:
         return {"mode": "inline", "reason": "the sink's spans are not all in one segment"}
-    base0 = layers[0][0][0]
-    rel = [(a - base0, s) for a, s in layers[0]]
-    offsets = []
-    for spans in layers:
-        base = spans[0][0]
-        if [(a - base, s) for a, s in spans] != rel:
-            return {"mode": "shm", "segment": seg.name, "segment_bytes": seg.nbytes, "window_s": window_s,
-                    "layers": [[[a - lo, s] for a, s in sp] for sp in layers]}
-        offsets.append(base - lo)
-    return {"mode": "shm", "segment": seg.name, "segment_bytes": seg.nbytes, "window_s": window_s,
-            "spans": [list(s) for s in rel], "layer_offsets": offsets}
+    head = {"mode": "shm", "segment": seg.name, "segment_bytes": seg.nbytes, "window_s": window_s}
+    if isinstance(layout, tuple):
+        return {**head, "spans": [[a - lo, s] for a, s in spans0], "layer_offsets": shifts}
+    return {**head, "layers": [[[a - lo, s] for a, s in sp] for sp in layout]}
 
 
 MAX_OFFSET = 1 << 62
@@ -140,8 +163,9 @@ class Layout:
 
 class CopyPlan:
     """Copies layers into checked spans of a mapped segment: runs of equal, aligned spans (an
-    engine's blocks) by one numpy row scatter, big spans by torch's parallel copy, the rest by
-    memmove. Built once per transfer; `copy(layer, kv)` is one layer."""
+    engine's blocks) by one numpy row scatter, the rest by memmove (one thread, GIL released:
+    steadier than torch's parallel copy beside a busy engine). Built once per transfer;
+    `copy(layer, kv)` is one layer."""
 
     def __init__(self, seg_bytes: torch.Tensor, layout: Layout):
         self._seg = seg_bytes
@@ -174,7 +198,7 @@ class CopyPlan:
         while i < len(spans):
             off, size = spans[i]
             j = i
-            while (j + 1 < len(spans) and spans[j + 1][1] == size and size < BIG_SPAN_BYTES):
+            while j + 1 < len(spans) and spans[j + 1][1] == size:
                 j += 1
             run = spans[i:j + 1]
             if (len(run) >= MIN_ROW_RUN and src % size == 0
@@ -184,7 +208,7 @@ class CopyPlan:
                 src += size * len(run)
                 i = j + 1
                 continue
-            ops.append(("big" if size >= BIG_SPAN_BYTES else "move", off, src, size))
+            ops.append(("move", off, src, size))
             src += size
             i += 1
         return ops
@@ -196,9 +220,6 @@ class CopyPlan:
             if op[0] == "rows":
                 _, size, rows, start, count = op
                 self._rows(size)[rows] = src_np[start:start + size * count].reshape(count, size)
-            elif op[0] == "big":
-                _, off, start, size = op
-                self._seg[off:off + size].copy_(src[start:start + size])
             else:
                 _, off, start, size = op
                 ctypes.memmove(self._base + off, src_ptr + start, size)

@@ -57,6 +57,16 @@ class EngineSink:
         base = cache.data_ptr() + layer * cache.stride(0) * cache.element_size()
         return [(base + off, size) for off, size in self._spans]
 
+    def span_pattern(self) -> tuple[list[tuple[int, int]], list[int]]:
+        """Layer 0's spans and each layer's address shift from them (one block table, a fixed
+        layer stride): the shm placement without listing every layer."""
+        spans0 = self.layer_spans(0)
+        if self.on_device:
+            return spans0, [0] * self.engine.model_config.num_layers  # one staging buffer
+        cache = self.engine.kv.tensor
+        stride = cache.stride(0) * cache.element_size()
+        return spans0, [i * stride for i in range(cache.shape[0])]
+
     def layer_received(self, layer: int) -> None:
         if self.on_device:
             self.engine.import_kv_layer(self.seq, layer, self._staging)
