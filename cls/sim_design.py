@@ -26,6 +26,7 @@ from engine.modelled import (
     kv_capacity_tokens,
 )
 from mls.config import ConfigError, from_dict, load_yaml
+from mls.policy.mixed import MIXED_POLICIES
 
 DEFAULT_PROFILE = "../shared/profiles/splitwise_perf_model.csv"
 
@@ -49,6 +50,9 @@ class SimDesignConfig:
     colocated: bool = False
     """Every machine runs both phases (the baseline); num_prompt + num_token machines in all."""
     max_batch_size: int = 256
+    mixed_policy: str = "prompt_first"
+    """Colocated work: prompt_first, or chunked (chunked prefill, max_num_batched_tokens a step)."""
+    max_num_batched_tokens: int = 512
     decode_axis: str = "context"
     """How the profile times a decode step: by its context tokens, or ("requests") by its number
     of requests as Splitwise's simulator does (engine/modelled.py)."""
@@ -64,6 +68,11 @@ class SimDesignConfig:
         for key in ("max_batch_size", "reference_tensor_parallel", "block_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.mixed_policy not in MIXED_POLICIES:
+            raise ConfigError(f"mixed_policy must be one of {', '.join(MIXED_POLICIES)}, got "
+                              f"{self.mixed_policy!r}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.decode_axis not in DECODE_AXES:
             raise ConfigError(f"decode_axis must be one of {', '.join(DECODE_AXES)}, got {self.decode_axis!r}")
         if self.link not in LINKS:
@@ -92,7 +101,8 @@ class SimDesignConfig:
             prompt_queue_limit_tokens=self.prompt_queue_limit_tokens, model_shape=shape,
             link_bytes_s=LINKS[self.link], layerwise_transfer=self.layerwise_transfer,
             tensor_parallel=self.tensor_parallel, colocated=self.colocated,
-            max_batch_size=self.max_batch_size)
+            max_batch_size=self.max_batch_size, mixed_policy=self.mixed_policy,
+            max_num_batched_tokens=self.max_num_batched_tokens)
         return design, self._latency(shape, self.hardware, self.tensor_parallel)
 
     def reference_latency(self) -> LatencyModel:

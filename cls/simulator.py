@@ -17,7 +17,9 @@ latency model gives each step's time, `kv_transfer_s` the KV transfer's). Life c
 5. Finish (output_len tokens): the blocks go back, the router is credited the request's blocks
    (the token machine may return home), and queued requests may be admitted.
 A machine runs one step at a time: a prefill batch if it has prompts (prompts first, as the mixed
-policy does), otherwise one decode step over all its running requests.
+policy does), otherwise one decode step over all its running requests. A machine whose mixed
+policy is chunked runs one step of all its decodes plus prompt chunks under the token budget
+(its prompt-machine work, when it has some, still runs first as whole prefills).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ class ClusterDesign:
     colocated: bool = False
     """Every machine runs both phases of each request it gets (the colocated baseline: the
     router's colocated mode, the machine's mixed policy, no KV transfer)."""
+    mixed_policy: str = "prompt_first"
+    """The mixed policy's mode: prompt_first, or chunked (chunked prefill under a budget)."""
+    max_num_batched_tokens: int = 512
+    """chunked: the per-step token budget."""
 
     def __post_init__(self):
         if self.num_prompt < 0 or self.num_token < 0 or self.num_prompt + self.num_token < 1:
@@ -193,7 +199,8 @@ class _Machine:
         self.token = TokenScheduler(d.kv_blocks_per_machine, d.block_size, d.max_batch_size,
                                     _UNBOUNDED_QUEUE, budget)
         self.mixed = MixedScheduler(d.kv_blocks_per_machine, d.block_size, d.prompt_token_cap,
-                                    d.max_batch_size, _UNBOUNDED_QUEUE, budget)
+                                    d.max_batch_size, _UNBOUNDED_QUEUE, budget, d.mixed_policy,
+                                    d.max_num_batched_tokens)
         self.busy = False
         self.busy_s = 0.0
 
@@ -207,6 +214,8 @@ class _Step:
     decode_token: list[str]
     decode_mixed: list[str]
     duration_s: float
+    chunks_done: list[Job] = ()
+    """chunked: prompts whose last chunk ran in this step (their first token comes with it)."""
 
 
 class Simulator:
@@ -307,6 +316,8 @@ class Simulator:
         if batch is not None:
             return _Step(batch.jobs, False, [], [],
                          self.latency.prefill_s(batch.num_tokens, len(batch.jobs)))
+        if m.mixed.chunked:
+            return self._schedule_chunked(m)
         plan = m.mixed.schedule()
         if plan.prefill:
             return _Step(plan.prefill, True, [], [], self.latency.prefill_s(
@@ -318,9 +329,28 @@ class Simulator:
         context = sum(j.prompt_len + j.num_generated for j in jobs)
         return _Step([], False, decode_token, plan.decode, self.latency.decode_s(len(jobs), context))
 
+    def _schedule_chunked(self, m: _Machine) -> _Step | None:
+        """One step of every decode (token and mixed work) plus prompt chunks under the budget."""
+        decode_token = list(m.token.ready)
+        plan = m.mixed.schedule(num_other_decodes=len(decode_token))
+        jobs = [m.token.ready[r] for r in decode_token] + [m.mixed.running[r] for r in plan.decode]
+        if not jobs and not plan.chunks:
+            return None
+        context = sum(j.prompt_len + j.num_generated for j in jobs)
+        if plan.chunks:
+            duration = self.latency.mixed_s(sum(c.num_tokens for c in plan.chunks), len(plan.chunks),
+                                            len(jobs), context)
+        else:
+            duration = self.latency.decode_s(len(jobs), context)
+        return _Step([], False, decode_token, plan.decode, duration,
+                     [c.job for c in plan.chunks if c.last])
+
     def _step_done(self, m: _Machine, step: _Step) -> None:
         finished: list[tuple[TokenScheduler | MixedScheduler, RequestRecord]] = []
         num_tokens = 0
+        for job in step.chunks_done:  # the prompt is prefilled: credited, and its first token
+            self.pools.credit_prompt(m.machine_id, job.prompt_len)
+            num_tokens += self._token(m.mixed, job.request_id, finished)
         for job in step.prefill:
             self.pools.credit_prompt(m.machine_id, job.prompt_len)
             self._return_idle(m.machine_id)

@@ -168,6 +168,30 @@ def test_colocated_design_runs_each_request_on_one_machine_by_jsq():
     assert r0.ttft_s == pytest.approx(0.010 + 0.001 * r0.prompt_len)
 
 
+class MixedFakeLatency(FakeLatency):
+    def _mixed_s(self, prefill_tokens, num_prefills, num_decodes, decode_context_tokens):
+        return 0.010 + 0.001 * (prefill_tokens + num_decodes)
+
+
+def test_chunked_colocated_design_keeps_decodes_going_through_a_long_prompt():
+    # One long-running decode, then a 3000-token prompt: prompt-first stalls the decode for the
+    # whole prefill (3.01 s), chunked prefill (budget 512) interleaves it in ~0.5 s steps.
+    arrivals = [Arrival(0.0, 50, 200), Arrival(0.5, 3000, 3)]
+    runs = {}
+    for policy in ("prompt_first", "chunked"):
+        d = design(num_prompt=0, num_token=1, kv_blocks=4000, colocated=True, mixed_policy=policy,
+                   max_num_batched_tokens=512)
+        runs[policy] = simulate(d, arrivals, MixedFakeLatency())
+        assert len(runs[policy].finished) == 2
+    first = {p: r.requests[0] for p, r in runs.items()}
+    # the stalled gap: the whole prefill, then the next decode step
+    assert max(first["prompt_first"].tbts_s) == pytest.approx(0.010 + 0.001 * 3000 + 0.020)
+    assert max(first["chunked"].tbts_s) <= 0.010 + 0.001 * 512 + 1e-9  # a step never exceeds the budget
+    long = runs["chunked"].requests[1]
+    assert long.token_times_s[0] > long.arrival_s + 5 * 0.010  # it took several chunked steps
+    assert runs["chunked"].summary()["tbt_p99_s"] < runs["prompt_first"].summary()["tbt_p99_s"]
+
+
 def test_an_uncontended_request_on_the_reference_machine_has_slowdown_one(profile):
     a100 = ProfileLatencyModel.from_csv(PROFILE, model="llama2-70b", hardware="a100-80gb",
                                         tensor_parallel=8)
