@@ -74,7 +74,8 @@ class SimDesignConfig:
         if self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.decode_axis not in DECODE_AXES:
-            raise ConfigError(f"decode_axis must be one of {', '.join(DECODE_AXES)}, got {self.decode_axis!r}")
+            raise ConfigError(f"decode_axis must be one of {', '.join(DECODE_AXES)}, got "
+                              f"{self.decode_axis!r}")
         if self.link not in LINKS:
             raise ConfigError(f"link must be one of {sorted(LINKS)}, got {self.link!r}")
         for key in ("num_prompt", "num_token"):
