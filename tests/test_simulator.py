@@ -189,7 +189,6 @@ def test_chunked_colocated_design_keeps_decodes_going_through_a_long_prompt():
     assert max(first["chunked"].tbts_s) <= 0.010 + 0.001 * 512 + 1e-9  # a step never exceeds the budget
     long = runs["chunked"].requests[1]
     assert long.token_times_s[0] > long.arrival_s + 5 * 0.010  # it took several chunked steps
-    assert runs["chunked"].summary()["tbt_p99_s"] < runs["prompt_first"].summary()["tbt_p99_s"]
 
 
 def test_an_uncontended_request_on_the_reference_machine_has_slowdown_one(profile):
