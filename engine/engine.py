@@ -25,7 +25,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_cache import KVCache, KVCacheExhausted
 from engine.memory import kv_cache_num_blocks
-from engine.model import AttentionMetadata, LlamaModel, PrefillSlice
+from engine.model import AttentionMetadata, LlamaModel, PrefillSlice, causal_mask
 from engine.model_config import ModelConfig
 from engine.sampler import sample
 from engine.sequence import InvalidRequestError, SamplingParams, SeqStatus, Sequence
@@ -254,7 +254,8 @@ class Engine:
                 slots.append(self.kv.slots(s.block_table, start, end))
                 meta.prefill.append(PrefillSlice(
                     offset, end - start, start,
-                    self.kv.slots(s.block_table, 0, end).to(self.device) if start else None))
+                    self.kv.slots(s.block_table, 0, end).to(self.device) if start else None,
+                    causal_mask(start, end - start, self.device) if start else None))
                 offset += end - start
                 last.append(offset - 1)
             ids.append(torch.tensor(c_ids, dtype=torch.int64))

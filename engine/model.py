@@ -27,6 +27,8 @@ class PrefillSlice:
     query_len: int
     context_len: int  # tokens already in the cache before this step
     context_slots: torch.Tensor | None  # [context_len + query_len] slots, only if context_len > 0
+    context_mask: torch.Tensor | None = None  # [query_len, context_len + query_len] bool, causal;
+    # only if context_len > 0 (built once per step, not per layer)
 
 
 @dataclass
@@ -123,15 +125,22 @@ def _prefill_attention(q: torch.Tensor, kv: torch.Tensor, layer_cache: torch.Ten
             mask, causal = None, True
         else:
             kvi = layer_cache[s.context_slots]  # [ctx + n, 2, nkv, d]
-            total = s.context_len + s.query_len
-            rows = torch.arange(s.context_len, total, device=q.device)[:, None]
-            mask = torch.arange(total, device=q.device)[None, :] <= rows  # [n, ctx + n]
-            causal = False
+            mask, causal = s.context_mask, False
+            if mask is None:
+                mask = causal_mask(s.context_len, s.query_len, q.device)
         ki = kvi[:, 0].transpose(0, 1).unsqueeze(0)  # [1, nkv, S, d]
         vi = kvi[:, 1].transpose(0, 1).unsqueeze(0)
         oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=causal,
                                             enable_gqa=True)  # [1, nh, n, d]
         out[lo:hi] = oi[0].transpose(0, 1).reshape(hi - lo, nh * d)
+
+
+def causal_mask(context_len: int, query_len: int, device: torch.device) -> torch.Tensor:
+    """[query_len, context_len + query_len] bool: query i (at position context_len + i) sees
+    positions <= its own."""
+    total = context_len + query_len
+    rows = torch.arange(context_len, total, device=device)[:, None]
+    return torch.arange(total, device=device)[None, :] <= rows
 
 
 def _decode_attention(q: torch.Tensor, layer_cache: torch.Tensor,
