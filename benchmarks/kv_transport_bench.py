@@ -9,10 +9,11 @@ What it measures, per transport (`tcp`, `ucx`, `shm`; `local` in one process, as
    with the engine sink's `layer_spans` fast path). Prompts of 128..4096 tokens, demo model
    shape (3 KV heads, head dim 64, bfloat16: 768 bytes per token per layer). GB/s = bytes /
    time; median and best of the repeats after one warm-up transfer per size.
-2. memcpy: a warmed torch copy of the same number of bytes in this process (all threads), same
-   run, and a one-thread memmove (a transport's copy runs on one thread); the ratios are the
-   figures to compare across machines. Below 32 MiB both copies run from the L3 cache, which
-   the transports, crossing processes, mostly cannot.
+2. memcpy: a warmed torch copy of the same number of bytes in this process (all threads), taken
+   right after each row's transfers (same run, same load), and a one-thread memmove (a
+   transport's copy runs on one thread); the ratios are the figures to compare across
+   machines. Below 32 MiB both copies run from the L3 cache, which the transports, crossing
+   processes, mostly cannot.
 3. idle CPU (% of one core, psutil, over --idle-s): the receiver process holding a receiver with
    nothing to do; the same while one transfer is open and waiting for its next layer; this
    (sender) process holding a sender.
@@ -212,7 +213,7 @@ def memcpy_gbps(nbytes: int, repeats: int) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def bench_transport(transport: str, sink: str, tokens: list[int], repeats: int, memcpy: dict[int, float],
+def bench_transport(transport: str, sink: str, tokens: list[int], repeats: int,
                     idle_s: float | None) -> dict:
     layers_max = [torch.randn(max(tokens), 2, NUM_KV_HEADS, HEAD_DIM).to(getattr(torch, DTYPE))
                   for _ in range(NUM_LAYERS)]
@@ -233,9 +234,12 @@ def bench_transport(transport: str, sink: str, tokens: list[int], repeats: int, 
             if rep:  # the first one per size is a warm-up
                 times.append(elapsed)
         nbytes = spec.total_nbytes
+        # The peer copy right after this size's transfers: on a shared host the load changes
+        # within a run, and a ratio is only fair between figures taken under the same load.
+        copy = memcpy_gbps(nbytes, repeats)
         rows.append({"tokens": n, "bytes": nbytes, "gbps_median": nbytes / statistics.median(times) / 1e9,
-                     "gbps_best": nbytes / min(times) / 1e9, "memcpy_gbps": memcpy[n][0],
-                     "memmove_1thread_gbps": memcpy[n][1]})
+                     "gbps_best": nbytes / min(times) / 1e9, "memcpy_gbps": copy[0],
+                     "memmove_1thread_gbps": copy[1]})
     idle = {}
     if idle_s and transport != "local":
         idle["receiver_idle_cpu_percent"] = peer.call(op="idle", seconds=idle_s)["cpu_percent"]
@@ -304,12 +308,11 @@ def main() -> None:
     if args.quick:
         tokens, args.repeats, args.idle_s = [128, 1024, 4096], 2, 1.0
     quiet = wait_for_quiet_machine(args.max_wait_s)
-    memcpy = {n: memcpy_gbps(spec_for("memcpy", n).total_nbytes, args.repeats) for n in tokens}
     results = []
     for transport in args.transports.split(","):
         for k, sink in enumerate(sinks):
             print(f"{transport} into {sink} ...", file=sys.stderr, flush=True)
-            results.append(bench_transport(transport, sink, tokens, args.repeats, memcpy,
+            results.append(bench_transport(transport, sink, tokens, args.repeats,
                                            args.idle_s if k == 0 else None))
     table = markdown(results)
     print(table)
