@@ -16,6 +16,9 @@ from mls.config import ConfigError, from_dict, load_yaml
 class RouterSection:
     prompt_queue_limit_tokens: int = 8192
     """A prompt machine with queued work and more pending prompt tokens than this is long-queued."""
+    colocated: bool = False
+    """Route every request to one machine for both phases (JSQ by pending prompt + decode tokens,
+    no KV transfer, no borrowing): the colocated baseline the phase split is measured against."""
 
 
 @dataclass(frozen=True)

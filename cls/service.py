@@ -51,7 +51,7 @@ class ClusterState:
     def __init__(self, cfg: ClsConfig, tokenizer: Tokenizer, metrics: ClsMetrics):
         self.cfg, self.tokenizer, self.metrics = cfg, tokenizer, metrics
         self.pools = Pools()
-        self.router = Router(self.pools, cfg.router.prompt_queue_limit_tokens)
+        self.router = Router(self.pools, cfg.router.prompt_queue_limit_tokens, cfg.router.colocated)
         self.dispatcher: Dispatcher | None = None
         self.registry = Registry(self.pools, cfg.lease_ttl_s, self._on_events, self._on_lost)
         self.dispatcher = Dispatcher(self.pools, self.router, self.registry, cfg.limits.rpc_timeout_s,

@@ -16,6 +16,7 @@ from mls.policy.mixed import DEFAULT_MAX_NUM_BATCHED_TOKENS, MIXED_POLICIES
 
 ROLES = ("prompt", "token", "mixed")
 TRANSPORTS = ("tcp", "ucx", "local", "shm")
+BACKENDS = ("torch", "modelled")
 
 
 class ConfigError(ValueError):
@@ -23,8 +24,25 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class ModelledSection:
+    """engine.backend modelled: whose step times the machine replays (engine/modelled_engine.py)."""
+    profile: str | None = "../shared/profiles/splitwise_perf_model.csv"
+    """Splitwise-format profile CSV; null: the roofline model."""
+    model: str = "llama2-70b"
+    hardware: str = "h100-80gb"
+    tensor_parallel: int = 8
+    decode_axis: str = "context"
+    time_scale: float = 1.0
+    """Multiplies every modelled step time (0.1: ten times faster than the modelled machine)."""
+
+
+@dataclass(frozen=True)
 class EngineSection:
     model: str = "models/SmolLM2-135M-Instruct"
+    """The checkpoint folder; with backend modelled only its shape and vocabulary are used."""
+    backend: str = "torch"
+    """torch (the real model) or modelled (sleeps for the modelled step time; see `modelled`)."""
+    modelled: ModelledSection = field(default_factory=ModelledSection)
     dtype: str = "auto"
     device: str = "cpu"
     block_size: int = 16
@@ -83,6 +101,10 @@ class MlsConfig:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.engine.backend not in BACKENDS:
+            raise ConfigError(f"engine.backend must be one of {BACKENDS}, got {self.engine.backend!r}")
+        if self.engine.backend == "modelled":
+            _check_modelled(self.engine.modelled)
         if self.kv_transfer.transport not in TRANSPORTS:
             raise ConfigError(f"kv_transfer.transport must be one of {TRANSPORTS}, "
                               f"got {self.kv_transfer.transport!r}")
@@ -111,6 +133,20 @@ class MlsConfig:
     @classmethod
     def load(cls, path: str | Path, overrides: dict | None = None) -> MlsConfig:
         return from_dict(cls, load_yaml(path, overrides))
+
+
+def _check_modelled(m: ModelledSection) -> None:
+    from engine.modelled import DECODE_AXES, HARDWARE
+
+    if m.hardware not in HARDWARE:
+        raise ConfigError(f"engine.modelled.hardware must be one of {sorted(HARDWARE)}, got {m.hardware!r}")
+    if m.decode_axis not in DECODE_AXES:
+        raise ConfigError(f"engine.modelled.decode_axis must be one of {DECODE_AXES}, got {m.decode_axis!r}")
+    if not m.time_scale > 0 or m.tensor_parallel < 1:
+        raise ConfigError(f"engine.modelled.time_scale must be > 0 and tensor_parallel >= 1, got "
+                          f"{m.time_scale} and {m.tensor_parallel}")
+    if m.profile is not None and not Path(m.profile).is_file():
+        raise ConfigError(f"engine.modelled.profile: {m.profile} not found (null: the roofline)")
 
 
 def load_yaml(path: str | Path, overrides: dict | None = None) -> dict:

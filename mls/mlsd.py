@@ -42,13 +42,24 @@ SERVICE_NAME = "splitserve.mls.v1.MachineService"
 
 def build_engine(cfg: MlsConfig) -> Engine:
     e = cfg.engine
-    return Engine(EngineConfig(
+    config = EngineConfig(
         model=e.model, dtype=e.dtype, device=e.device, block_size=e.block_size,
         kv_cache_bytes=e.kv_cache_bytes, kv_cache_memory_fraction=e.kv_cache_memory_fraction,
         max_num_seqs=e.max_num_seqs, max_num_batched_tokens=cfg.scheduler.prompt_token_cap,
         max_model_len=e.max_model_len, num_threads=e.num_threads, seed=e.seed,
         # shm: senders on this host write KV straight into the cache (a device cache: bytes inline)
-        kv_cache_shared_memory=cfg.kv_transfer.transport == "shm" and e.device == "cpu"))
+        kv_cache_shared_memory=cfg.kv_transfer.transport == "shm" and e.device == "cpu")
+    if e.backend == "modelled":
+        from engine.modelled import ProfileLatencyModel, RooflineLatencyModel
+        from engine.modelled_engine import ModelledEngine
+
+        m = e.modelled
+        latency = RooflineLatencyModel(m.model, m.hardware, m.tensor_parallel) if m.profile is None \
+            else ProfileLatencyModel.from_csv(m.profile, model=m.model, hardware=m.hardware,
+                                              tensor_parallel=m.tensor_parallel, decode_axis=m.decode_axis)
+        log.info("modelled engine: %r, time scale %g", latency, m.time_scale)
+        return ModelledEngine(config, latency, m.time_scale)
+    return Engine(config)
 
 
 async def serve(cfg: MlsConfig) -> int:
@@ -149,7 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_daemon_config(MlsConfig, "mlsd", "Machine-level scheduler daemon.", argv)
     if isinstance(cfg, int):
         return cfg
-    return asyncio.run(serve(cfg))
+    from engine.modelled import ProfileError
+
+    try:
+        return asyncio.run(serve(cfg))
+    except ProfileError as e:  # engine.modelled.profile lacks the configured machine
+        log.error("config error: engine.modelled: %s", e)
+        return 2
 
 
 if __name__ == "__main__":

@@ -41,8 +41,10 @@ def machine_config(model_dir, machine_id: str, role: str, transport: str = "tcp"
 
 
 class Cluster:
-    def __init__(self, tmp_dir: Path, model_dir, machines: list[tuple[str, str]], clsd: dict | None = None):
-        self.tmp_dir, self.model_dir = tmp_dir, model_dir
+    def __init__(self, tmp_dir: Path, model_dir, machines: list[tuple[str, str]], clsd: dict | None = None,
+                 engine: dict | None = None):
+        """`engine`: keys merged into every machine's engine section."""
+        self.tmp_dir, self.model_dir, self.engine = tmp_dir, model_dir, engine or {}
         self.clsd = ClsdProc(tmp_dir, {"model": str(model_dir), "lease_ttl_s": 3.0,
                                        "heartbeat_interval_s": 0.3, **(clsd or {})})
         self.specs = machines
@@ -52,7 +54,7 @@ class Cluster:
         try:
             self.clsd.start()
             for mid, role in self.specs:
-                cfg = machine_config(self.model_dir, mid, role)
+                cfg = machine_config(self.model_dir, mid, role, **self.engine)
                 cfg["cls_address"] = self.clsd.address
                 self.machines[mid] = MachineProc(self.tmp_dir, mid, cfg).start()
             self.wait_registered(timeout_s)
