@@ -42,7 +42,7 @@ def _rates(text: str) -> list[float]:
 
 def _progress_for(enabled: bool):
     """A progress bar per run, advanced as the simulator routes arrivals."""
-    from cls.bench.progress import Progress
+    from cls.progress import Progress
 
     def make(label: str, total: int):
         bar = Progress(total, label, enabled=enabled)

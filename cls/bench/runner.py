@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from cls.bench.backends import Backend, RequestOutput
 from cls.bench.datasets import BenchRequest
-from cls.bench.progress import Progress
+from cls.progress import Progress
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""A tiny progress bar on stderr: redrawn in place on a terminal, a line per 10% otherwise."""
+"""A tiny progress bar on stderr (clsctl bench, clsctl simulate): redrawn in place on a terminal,
+a line per 10% otherwise."""
 
 from __future__ import annotations
 
