@@ -171,7 +171,7 @@ def _common(body: dict, spec: pb.GenerateRequest, model_name: str, max_stop: int
     options = _get(body, "stream_options", dict, {})
     if options and not stream:
         raise bad("stream_options", "stream_options needs stream: true")
-    unknown = sorted(set(options) - {"include_usage", "continuous_usage_stats"})
+    unknown = sorted(set(options) - {"include_usage"})
     if unknown:
         raise bad("stream_options", f"unknown field stream_options.{unknown[0]}")
     include_usage = options.get("include_usage", False)
