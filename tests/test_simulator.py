@@ -269,6 +269,18 @@ def test_azure_loader_rescales_to_a_rate_then_cuts_to_a_duration():
     assert cut == [a for a in scaled if a.arrival_s < 5] and 200 < len(cut) < 500
 
 
+def test_azure_loader_rate_scale_multiplies_the_traces_own_rate():
+    trace = need_trace(CODE_TRACE)
+    native = load_azure_trace(trace, limit=300)
+    doubled = load_azure_trace(trace, limit=300, rate_scale=2.0)
+    assert [a.arrival_s for a in doubled] == pytest.approx([a.arrival_s / 2 for a in native])
+    assert [(a.prompt_len, a.output_len) for a in doubled] == [(a.prompt_len, a.output_len) for a in native]
+    with pytest.raises(TraceError, match="rate or rate_scale, not both"):
+        load_azure_trace(trace, limit=10, rate=5, rate_scale=2)
+    with pytest.raises(TraceError, match="rate_scale must be > 0"):
+        load_azure_trace(trace, limit=10, rate_scale=0)
+
+
 def test_azure_loader_errors_name_the_file_and_column(tmp_path):
     bad = tmp_path / "t.csv"
     bad.write_text("TIMESTAMP,ContextTokens\n2023-11-16 18:17:03.9,5\n")
