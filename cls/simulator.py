@@ -77,7 +77,7 @@ class ClusterDesign:
         return self.num_prompt + self.num_token
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestRecord:
     request_id: str
     arrival_s: float
@@ -363,10 +363,8 @@ class Simulator:
                     job.prompt_len, shape, self.design.link_bytes_s, self.design.layerwise_transfer,
                     step.duration_s, self.design.tensor_parallel)
                 self._push(self.now + transfer_s, _KV_READY, (self.machines[r.token_machine], job))
-        for request_id in step.decode_token:
-            num_tokens += self._token(m.token, request_id, finished)
-        for request_id in step.decode_mixed:
-            num_tokens += self._token(m.mixed, request_id, finished)
+        num_tokens += self._tokens(m.token, step.decode_token, finished)
+        num_tokens += self._tokens(m.mixed, step.decode_mixed, finished)
         # One credit for the step's tokens (all on this machine): the router's state after the
         # event is what per-token credits would leave, at a fraction of the sorted-list updates.
         if num_tokens:
@@ -387,23 +385,29 @@ class Simulator:
     def _token(self, policy: TokenScheduler | MixedScheduler, request_id: str,
                finished: list) -> int:
         """One token of `request_id` exists now. Returns 1, the decode work to credit."""
-        r = self.records[request_id]
-        policy.token_generated(request_id)
-        now = self.now
-        if r.num_tokens == 0:
-            r.first_token_s = now
-        else:
-            gap = now - r.last_token_s
-            self.tbt_gaps.append(gap)
-            if gap > r.max_tbt_s:
-                r.max_tbt_s = gap
-        r.last_token_s = now
-        r.num_tokens += 1
-        if r.token_times_s is not None:
-            r.token_times_s.append(now)
-        if r.num_tokens == r.output_len:
-            finished.append((policy, r))
-        return 1
+        return self._tokens(policy, (request_id,), finished)
+
+    def _tokens(self, policy: TokenScheduler | MixedScheduler, request_ids, finished: list) -> int:
+        """One token for each of `request_ids` exists now (the hot loop: locals, no calls but
+        the policy's). Finished requests are appended to `finished`; returns the token count."""
+        records, gaps, now, generated = self.records, self.tbt_gaps, self.now, policy.token_generated
+        for request_id in request_ids:
+            r = records[request_id]
+            generated(request_id)
+            if r.num_tokens:
+                gap = now - r.last_token_s
+                gaps.append(gap)
+                if gap > r.max_tbt_s:
+                    r.max_tbt_s = gap
+            else:
+                r.first_token_s = now
+            r.last_token_s = now
+            r.num_tokens += 1
+            if r.token_times_s is not None:
+                r.token_times_s.append(now)
+            if r.num_tokens == r.output_len:
+                finished.append((policy, r))
+        return len(request_ids)
 
     def _finish(self, finished: list) -> None:
         """Finished requests give back their blocks; queued requests may be admitted."""
