@@ -10,9 +10,9 @@ Part `goodput`: a rate sweep of Splitwise-HH against Baseline-H100 (prompt-first
 Baseline-H100 with chunked prefill on both traces; goodput = the highest swept rate meeting all
 nine targets; the ratio per trace against each baseline (goal: >= 1.4x on one).
 
-Part `scale`: 1,000 machines (620 prompt + 380 token, the conversation design's split) at 2,000
-req/s for 10 simulated minutes of gamma arrivals with lengths drawn from the conversation trace;
-simulated requests per wall-clock second.
+Part `scale`: 1,000 machines at 2,000 req/s for 10 simulated minutes of Poisson arrivals with
+lengths drawn from a trace (`--scale-trace`; coding: 875 prompt + 125 token machines, the coding
+design's split; conversation: 620 + 380); simulated requests per wall-clock second.
 
     .venv/bin/python benchmarks/sim_bench.py [--part designs|goodput|scale|all]
         [--rates 40,70,100,130,160] [--scale-duration 600] [--out benchmarks/results/sim_bench.json]
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -98,13 +99,25 @@ def part_goodput(out: dict, rates: list[float]) -> None:
     out["goodput"] = result
 
 
-def part_scale(out: dict, duration_s: float) -> None:
-    cfg = SimDesignConfig(name="scale-1000", num_prompt=620, num_token=380,
+def part_scale(out: dict, duration_s: float, trace: str) -> None:
+    num_prompt = {"code": 875, "conv": 620}[trace]
+    cfg = SimDesignConfig(name=f"scale-1000-{trace}", num_prompt=num_prompt, num_token=1000 - num_prompt,
+                          decode_axis="requests",
                           profile=str(REPO.parent / "shared" / "profiles" / "splitwise_perf_model.csv"))
-    workload = Workload(None, duration_s=duration_s, prompt_len=trace_lengths(TRACES["conv"]),
+    workload = Workload(None, duration_s=duration_s, prompt_len=trace_lengths(TRACES[trace]),
                         output_len=None, seed=1)
-    print(f"\n== scale: 1,000 machines, 2,000 req/s, {duration_s:g} simulated s ==", flush=True)
-    run = run_once(cfg, workload, 2000.0, SPLITWISE_SLO)
+    print(f"\n== scale: 1,000 machines, 2,000 req/s, {duration_s:g} simulated s, {trace} lengths ==",
+          flush=True)
+    from cls.progress import Progress
+
+    def progress_for(label, total):
+        bar = Progress(total, label)
+
+        def advance_to(n):
+            while bar.done < n:
+                bar.update()
+        return advance_to
+    run = run_once(cfg, workload, 2000.0, SPLITWISE_SLO, progress_for)
     row = _row(run)
     row["simulated_s"] = run.result.end_s
     row["requests_per_wall_s"] = round(run.num_requests / run.wall_s)
@@ -120,21 +133,23 @@ def main() -> int:
     ap.add_argument("--part", choices=("designs", "goodput", "scale", "all"), default="all")
     ap.add_argument("--rates", default="40,70,100,130,160")
     ap.add_argument("--scale-duration", type=float, default=600.0)
+    ap.add_argument("--scale-trace", choices=sorted(TRACES), default="code")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sim_bench.json"))
     args = ap.parse_args()
     missing = [str(p) for p in TRACES.values() if not p.is_file()]
     if missing:
-        print(f"error: traces absent: {', '.join(missing)} (../shared beside the repository)", file=sys.stderr)
+        print(f"error: traces absent: {', '.join(missing)} (../shared beside the repository)",
+              file=sys.stderr)
         return 1
     out = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "machine": f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}"}
+           "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}"}
     start = time.monotonic()
     if args.part in ("designs", "all"):
         part_designs(out)
     if args.part in ("goodput", "all"):
         part_goodput(out, sorted(float(r) for r in args.rates.split(",")))
     if args.part in ("scale", "all"):
-        part_scale(out, args.scale_duration)
+        part_scale(out, args.scale_duration, args.scale_trace)
     out["total_wall_s"] = round(time.monotonic() - start, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
