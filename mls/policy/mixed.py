@@ -34,9 +34,10 @@ from mls.policy.common import BlockBudget, FifoQueue, Job, blocks_for_tokens, bu
 
 MIXED_POLICIES = ("prompt_first", "chunked")
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
-"""Why 512: on the 2-core CPU host a 512-token step of the demo model costs a few prompt-first
-decode steps' worth of time while prefilling at close to the whole-prompt rate (figures in
-docs/BENCHMARKS.md, "Chunked prefill"); on a GPU, Sarathi-Serve's 512-2048 range is the usual."""
+"""Why 512: twice mlsd's default max_num_seqs (256), so a full decode batch still leaves half of
+every step to prompts; on the 2-core CPU host it cuts the worst decode gap behind a 1536-token
+prompt 2.3x for 7% more time for the same work (docs/BENCHMARKS.md, "Chunked prefill"). A GPU
+affords more (Sarathi-Serve works in the 512-2048 range)."""
 
 
 @dataclass(frozen=True)
