@@ -9,8 +9,8 @@ tokens go through clsd's real gRPC stream. The same arrivals then run in the sim
 same scaled step times. Printed: the share of requests routed to the same (prompt, token) pair,
 and TTFT / TPOT / E2E percentiles of both, in modelled seconds (measured / time_scale).
 
-    .venv/bin/python benchmarks/emulated_bench.py [--prompt 6 --token 4] [--rate 17] [--duration 60]
-        [--time-scale 4] [--trace conv|code] [--out benchmarks/results/emulated_bench.json]
+    .venv/bin/python benchmarks/emulated_bench.py [--prompt 6 --token 4] [--rate 6] [--duration 60]
+        [--time-scale 4] [--kv-mib 1024] [--trace conv|code] [--out benchmarks/results/emulated_bench.json]
 
 `--rate` is in modelled requests/s (arrivals are sent `time_scale` times slower).
 """
@@ -41,7 +41,6 @@ PROFILE = REPO.parent / "shared" / "profiles" / "splitwise_perf_model.csv"
 TRACES = {"conv": REPO.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv",
           "code": REPO.parent / "shared" / "traces" / "AzureLLMInferenceTrace_code.csv"}
 DEMO = REPO / "models" / "SmolLM2-135M-Instruct"
-KV_BYTES = 256 * 2**20
 MAX_PROMPT, MAX_OUTPUT = 4000, 400  # the demo model's context holds prompt + output
 
 
@@ -62,7 +61,7 @@ class Scaled(ProfileLatencyModel):
         return super()._mixed_s(*a) * self.scale
 
 
-def write_configs(tmp: Path, num_prompt: int, num_token: int, time_scale: float) -> Path:
+def write_configs(tmp: Path, num_prompt: int, num_token: int, time_scale: float, kv_bytes: int) -> Path:
     clsd = {"model": str(DEMO), "grpc_port": 0, "metrics_port": 0, "http": {"port": None},
             "lease_ttl_s": 10, "heartbeat_interval_s": 1}
     (tmp / "clsd.yaml").write_text(yaml.safe_dump(clsd))
@@ -71,7 +70,7 @@ def write_configs(tmp: Path, num_prompt: int, num_token: int, time_scale: float)
         for i in range(n):
             cfg = {"machine_id": f"{home}-{i}", "role": home, "grpc_port": 0, "metrics_port": None,
                    "engine": {"model": str(DEMO), "backend": "modelled", "dtype": "bfloat16",
-                              "kv_cache_bytes": KV_BYTES,
+                              "kv_cache_bytes": kv_bytes,
                               "modelled": {"profile": str(PROFILE), "model": "llama2-70b",
                                            "hardware": "h100-80gb", "tensor_parallel": 8,
                                            "time_scale": time_scale}},
@@ -102,9 +101,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompt", type=int, default=6)
     ap.add_argument("--token", type=int, default=4)
-    ap.add_argument("--rate", type=float, default=17.0, help="modelled requests/s")
+    ap.add_argument("--rate", type=float, default=6.0, help="modelled requests/s")
     ap.add_argument("--duration", type=float, default=60.0, help="modelled seconds of the trace")
     ap.add_argument("--time-scale", type=float, default=4.0)
+    ap.add_argument("--kv-mib", type=int, default=1024,
+                    help="KV cache per machine (the demo model's KV shape: 22.5 KiB a token)")
     ap.add_argument("--trace", choices=sorted(TRACES), default="conv")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "emulated_bench.json"))
@@ -119,8 +120,8 @@ def main() -> int:
           f"{args.prompt} prompt + {args.token} token modelled machines, time scale {args.time_scale:g}",
           flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cluster = LocalCluster(LocalConfig.load(write_configs(Path(tmp), args.prompt, args.token,
-                                                              args.time_scale))).start()
+        local = write_configs(Path(tmp), args.prompt, args.token, args.time_scale, args.kv_mib * 2**20)
+        cluster = LocalCluster(LocalConfig.load(local)).start()
         try:
             machines = cluster.client().list_machines()
             blocks = machines[0].kv_blocks_total
