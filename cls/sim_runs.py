@@ -72,7 +72,10 @@ class RunReport:
                 "utilization": {"mean": float(np.mean(util)) if util else 0.0,
                                 "min": float(np.min(util)) if util else 0.0,
                                 "max": float(np.max(util)) if util else 0.0},
-                "num_pool_moves": len(self.result.pool_events), "pools_at_end": pools_end}
+                "num_pool_moves": len(self.result.pool_events), "pools_at_end": pools_end,
+                "pool_moves": [[round(t, 6), m.machine_id, str(m.from_pool), str(m.to_pool)]
+                               for t, m in self.result.pool_events],
+                "busy_s": {mid: round(b, 6) for mid, b in self.result.busy_s.items()}}
 
 
 def run_once(cfg: SimDesignConfig, workload: Workload, rate: float | None,

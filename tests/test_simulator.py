@@ -350,6 +350,10 @@ def test_clsctl_simulate_sweeps_two_designs_and_writes_goodput_plots_and_json(tm
     for png in ("ttft_cdf", "tbt_cdf", "e2e_cdf", "slo_vs_rate", "pools_split", "pools_coloc"):
         assert (plots / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert doc["designs"]["coloc"]["runs"][-1]["num_pool_moves"] == 0  # colocated never borrows
+    split_run = doc["designs"]["split"]["runs"][-1]  # overloaded: the pair borrows each other
+    assert len(split_run["pool_moves"]) == split_run["num_pool_moves"] > 0
+    assert all(to in ("mixed", "prompt", "token") for _, _, _, to in split_run["pool_moves"])
+    assert set(split_run["busy_s"]) == {"prompt-0", "token-0"}
     bad = subprocess.run(cmd[:6] + ["--sweep", "1,-2"], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parents[1])
     assert bad.returncode == 2 and "rates must be > 0" in bad.stderr
