@@ -1,8 +1,8 @@
 """Goodput on real processes: Splitwise's 1 prompt + 1 token machine against 2 colocated machines
 (prompt-first mixing, and chunked prefill), on the same arrivals and the same SLOs.
 
-    .venv/bin/python benchmarks/goodput_bench.py [--rates 0.5,1,2,3] [--num-prompts 40]
-        [--length-scale 0.2] [--chunk-budget 64] [--threads 1] [--transport shm]
+    .venv/bin/python benchmarks/goodput_bench.py [--rates 0.5,1,1.5,2,3,4,6] [--num-prompts 50]
+        [--length-scale 0.2] [--chunk-budget 128] [--threads 1] [--transport shm]
         [--designs splitwise,prompt_first,chunked] [--out benchmarks/results/goodput_bench.json]
         [--plot-dir benchmarks/results/goodput_plots]
 
@@ -10,10 +10,12 @@
    azure-conv dataset, scaled by --length-scale), prompts of real text to those lengths; the
    arrival gaps are drawn once (seeded Poisson) and replayed at every rate, for every design.
 2. Per design: clsd's and the two machines' configs are written into a temp dir and started
-   with LocalCluster (demo model, bfloat16, --threads torch threads per machine); two warm-up
-   requests, then --probes requests of the dataset's median lengths one at a time (uncontended
-   latency), then the sweep (rates low to high, each run waits for its last request). The cluster
-   is stopped whatever happens (error, Ctrl-C, SIGTERM).
+   with LocalCluster (demo model, bfloat16, --threads torch threads per machine); all designs are
+   up at once (an idle cluster costs next to no CPU). Per design two warm-up requests, then
+   --probes requests of the dataset's median lengths one at a time (uncontended latency). Then
+   each rate, low to high, runs on every design in turn (the order rotating per rate), so a
+   change in the host's other load falls on all designs alike; a run waits for its last request.
+   Every cluster is stopped whatever happens (error, Ctrl-C, SIGTERM).
 3. SLOs are multiples of Splitwise's uncontended medians (its probes), the same ms for every design
    (see SLOS). A request meets an SLO when it succeeded and every target holds; attainment = such
    requests / all requests; goodput = the highest rate whose attainment, and that of every lower
@@ -71,8 +73,8 @@ DESIGNS = {  # name: (label, clsd router.colocated, [(machine_id, home role)], m
 # (Splitwise's uncontended median of that base). Request metrics: ttft, tpot, tbt_max (its
 # longest gap between tokens); bases: ttft, tpot, itl (the median gap between tokens).
 SLOS = {
-    "tbt": {"ttft": ("ttft", 10.0), "tpot": ("tpot", 1.5)},        # TBT-bound (mean): tight TPOT
-    "tbt_max": {"ttft": ("ttft", 10.0), "tbt_max": ("itl", 5.0)},  # TBT-bound (tail): no stalls
+    "tbt": {"ttft": ("ttft", 10.0), "tpot": ("tpot", 2.0)},         # TBT-bound (mean): tight TPOT
+    "tbt_max": {"ttft": ("ttft", 10.0), "tbt_max": ("itl", 10.0)},  # TBT-bound (tail): no long stall
     "ttft": {"ttft": ("ttft", 5.0), "tpot": ("tpot", 5.0)},        # TTFT-bound: tight TTFT
 }
 
@@ -114,26 +116,33 @@ def write_configs(tmp: Path, design: str, args) -> Path:
 
 
 class CpuMeter:
-    """CPU seconds of the cluster's processes, this process, and the whole host between marks."""
+    """CPU seconds of every cluster's processes, this process (the load generator) and the whole
+    host between two marks; `cores` splits them for the design that was running."""
 
-    def __init__(self, cluster: LocalCluster):
-        self.procs = {"clsd": psutil.Process(cluster.clsd.proc.pid),
-                      **{d.name: psutil.Process(d.proc.pid) for d in cluster.machines},
-                      "loadgen": psutil.Process()}
+    def __init__(self, clusters: dict[str, LocalCluster]):
+        self.procs = {(design, d.name): psutil.Process(d.proc.pid)
+                      for design, c in clusters.items() for d in (c.clsd, *c.machines)}
+        self.procs[("", "loadgen")] = psutil.Process()
 
-    def mark(self) -> dict[str, float]:
-        out = {name: sum(p.cpu_times()[:2]) for name, p in self.procs.items()}
+    def mark(self) -> dict:
+        out = {key: sum(p.cpu_times()[:2]) for key, p in self.procs.items()}
         t = psutil.cpu_times()
         out["host_busy"] = sum(t) - t.idle - getattr(t, "iowait", 0.0)
         out["wall"] = time.monotonic()
         return out
 
-    @staticmethod
-    def cores(a: dict, b: dict) -> dict[str, float]:
+    def cores(self, a: dict, b: dict, design: str) -> dict[str, float]:
+        """Cores used: the running design's clsd and machines, `loadgen`, `idle_clusters` (the
+        other designs, waiting), `others` (the rest of the host: other users) and `host_busy`."""
         wall = b["wall"] - a["wall"]
         used = {k: (b[k] - a[k]) / wall for k in a if k != "wall"}
-        used["others"] = used["host_busy"] - sum(v for k, v in used.items() if k != "host_busy")
-        return {k: round(v, 3) for k, v in used.items()}
+        out = {name: used[(d, name)] for d, name in self.procs if d == design}
+        out["loadgen"] = used[("", "loadgen")]
+        out["idle_clusters"] = sum(v for k, v in used.items()
+                                   if isinstance(k, tuple) and k[0] not in ("", design))
+        out["host_busy"] = used["host_busy"]
+        out["others"] = used["host_busy"] - sum(v for k, v in used.items() if isinstance(k, tuple))
+        return {k: round(v, 3) for k, v in out.items()}
 
 
 def clsd_counters(port: int) -> dict[str, float]:
@@ -159,28 +168,40 @@ def summary(outputs: list[RequestOutput]) -> dict:
             "errors": sorted({o.error[:200] for o in outputs if not o.success})}
 
 
-async def run_design(cluster: LocalCluster, args, requests, probe: BenchRequest, gaps, tokenizer) -> dict:
-    address = cluster.address if args.backend == "grpc" else cluster.http_url.removesuffix("/v1")
-    backend = make_backend(args.backend, address, model=None, ignore_eos=True, temperature=0.0,
-                           timeout_s=REQUEST_TIMEOUT_S)
-    meter = CpuMeter(cluster)
-    async with backend:
-        if args.backend != "grpc":
-            backend.count_tokens_with(tokenizer)
-            backend.model = await backend.served_model()
-        for _ in range(2):  # first calls pay torch's one-time set-up
-            await backend.send(probe)
-        probes = [await backend.send(probe) for _ in range(args.probes)]
-        runs = []
-        for rate in args.rates:
-            before = meter.mark()
-            run = await run_requests(backend, requests, offsets_s(gaps, rate))
-            runs.append({"rate": rate, "duration_s": run.duration_s, "outputs": run.outputs,
-                         "cpu_cores": meter.cores(before, meter.mark())})
-            print(f"  {rate:g} req/s: {run.duration_s:.1f} s, "
-                  f"{sum(o.success for o in run.outputs)}/{len(requests)} ok, cpu {runs[-1]['cpu_cores']}",
-                  flush=True)
-    return {"probes": probes, "runs": runs}
+async def run_sweep(clusters: dict[str, LocalCluster], args, requests, probe: BenchRequest, gaps,
+                    tokenizer) -> dict:
+    """Probes on every design, then each rate on every design in turn (the order rotates by one
+    design per rate), so a change in the host's other load falls on all designs alike."""
+    meter = CpuMeter(clusters)
+    backends = {}
+    for design, cluster in clusters.items():
+        address = cluster.address if args.backend == "grpc" else cluster.http_url.removesuffix("/v1")
+        backends[design] = make_backend(args.backend, address, model=None, ignore_eos=True,
+                                        temperature=0.0, timeout_s=REQUEST_TIMEOUT_S)
+        await backends[design].__aenter__()
+    results = {design: {"probes": [], "runs": []} for design in clusters}
+    try:
+        for design, backend in backends.items():
+            if args.backend != "grpc":
+                backend.count_tokens_with(tokenizer)
+                backend.model = await backend.served_model()
+            for _ in range(2):  # first calls pay torch's one-time set-up
+                await backend.send(probe)
+            results[design]["probes"] = [await backend.send(probe) for _ in range(args.probes)]
+        order = list(clusters)
+        for i, rate in enumerate(args.rates):
+            for design in order[i % len(order):] + order[:i % len(order)]:
+                before = meter.mark()
+                run = await run_requests(backends[design], requests, offsets_s(gaps, rate))
+                cpu = meter.cores(before, meter.mark(), design)
+                results[design]["runs"].append({"rate": rate, "duration_s": run.duration_s,
+                                                "outputs": run.outputs, "cpu_cores": cpu})
+                print(f"  {DESIGNS[design][0]} at {rate:g} req/s: {run.duration_s:.1f} s, "
+                      f"{sum(o.success for o in run.outputs)}/{len(requests)} ok, cpu {cpu}", flush=True)
+    finally:
+        for backend in backends.values():
+            await backend.__aexit__(None, None, None)
+    return results
 
 
 def base_latency(probes: list[RequestOutput]) -> dict[str, float]:
@@ -244,7 +265,7 @@ def print_tables(doc: dict) -> None:
         for r in d["runs"]:
             cpu = r["cpu_cores"]
             machines = "+".join(f"{v:.2f}" for k, v in cpu.items()
-                                if k not in ("clsd", "loadgen", "others", "host_busy"))
+                                if k not in ("clsd", "loadgen", "others", "host_busy", "idle_clusters"))
             att = "".join(f"{100 * r['attainment'][n]:>9.1f}" for n in slos)
             print(f"{d['label']:<24}{r['rate']:>5g} {att}"
                   f"{r['p50_ttft_ms']:>7.0f}/{r['p99_ttft_ms']:<7.0f}{r['p50_tpot_ms']:>7.1f}/"
@@ -255,7 +276,8 @@ def print_tables(doc: dict) -> None:
         ratio = doc["ratio_splitwise_to_best_colocated"][name]
         print(f"goodput {name} (req/s): " + ", ".join(f"{d['label']} {d['goodput_rate'][name]}"
                                                    for d in doc["designs"].values())
-              + (f"; Splitwise / best colocated {ratio:.2f}x" if ratio is not None else "; ratio n/a"))
+              + (f"; Splitwise / best colocated {ratio:.2f}x" if ratio is not None else "; ratio undefined"
+                 " (a goodput is none: that design misses at the lowest rate)"))
 
 
 def plots(doc: dict, results: dict, plot_dir: Path) -> list[Path]:
@@ -291,11 +313,11 @@ def _interrupt(signum, frame) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--designs", default="splitwise,prompt_first,chunked")
-    ap.add_argument("--rates", default="0.5,1,2,3", help="req/s, comma-separated")
-    ap.add_argument("--num-prompts", type=int, default=40)
+    ap.add_argument("--rates", default="0.5,1,1.5,2,3,4,6", help="req/s, comma-separated")
+    ap.add_argument("--num-prompts", type=int, default=50)
     ap.add_argument("--length-scale", type=float, default=0.2)
     ap.add_argument("--probes", type=int, default=5, help="uncontended requests, one at a time")
-    ap.add_argument("--chunk-budget", type=int, default=64, help="chunked: max_num_batched_tokens")
+    ap.add_argument("--chunk-budget", type=int, default=128, help="chunked: max_num_batched_tokens")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per machine")
     ap.add_argument("--transport", default="shm", choices=("shm", "tcp"), help="Splitwise's KV transport")
     ap.add_argument("--backend", default="grpc", choices=("grpc", "openai"))
@@ -316,6 +338,7 @@ def main() -> int:
         ap.error(f"--chunk-budget must be >= {MAX_NUM_SEQS} (engine.max_num_seqs)")
     args.load_at_start = [round(x, 2) for x in psutil.getloadavg()]
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
 
     tokenizer = Tokenizer(str(DEMO))
     lengths = azure_lengths("azure-conv", args.num_prompts, args.seed, args.length_scale)
@@ -327,20 +350,25 @@ def main() -> int:
           f"{sum(p for p, _ in lengths)} prompt, "
           f"{sum(o for _, o in lengths)} output tokens; probe {p50[0]}/{p50[1]}) at {args.rates} req/s; "
           f"load average {args.load_at_start}", flush=True)
-    results = {}
-    for design in designs:
-        print(f"{DESIGNS[design][0]}:", flush=True)
-        with tempfile.TemporaryDirectory(prefix=f"goodput-{design}-") as tmp:
-            cluster = LocalCluster(LocalConfig.load(write_configs(Path(tmp), design, args)))
-            try:
-                cluster.start()
-                results[design] = asyncio.run(run_design(cluster, args, requests, probe, gaps, tokenizer))
+    clusters: dict[str, LocalCluster] = {}
+    with tempfile.TemporaryDirectory(prefix="goodput-") as tmp:
+        try:
+            for design in designs:  # an idle cluster costs next to no CPU: all are up at once
+                (Path(tmp) / design).mkdir()
+                clusters[design] = LocalCluster(LocalConfig.load(write_configs(Path(tmp) / design,
+                                                                               design, args)))
+                clusters[design].start()
+                print(f"{DESIGNS[design][0]}: up", flush=True)
+            results = asyncio.run(run_sweep(clusters, args, requests, probe, gaps, tokenizer))
+            for design, cluster in clusters.items():
                 results[design]["counters"] = clsd_counters(cluster.metrics_port)
-            finally:
+        finally:
+            for design, cluster in clusters.items():
                 codes = cluster.stop()
                 alive = [d.name for d in (cluster.clsd, *cluster.machines)
                          if d and d.proc and d.proc.poll() is None]
-                print(f"  stopped: {codes}" + (f"; STILL RUNNING: {alive}" if alive else ""), flush=True)
+                print(f"{design} stopped: {codes}" + (f"; STILL RUNNING: {alive}" if alive else ""),
+                      flush=True)
     doc = report(args, requests, results, base_latency(results["splitwise"]["probes"]))
     print_tables(doc)
     out = Path(args.out)
