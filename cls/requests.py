@@ -4,8 +4,10 @@
    tokens (each output index exactly once, in order) and returns when the request finishes.
 2. An attempt: the router picks (prompt, token) machines; clsd sends AddDecode to the token
    machine, waits for RESERVED, then Prefill to the prompt machine naming the token machine's KV
-   address. The first token comes back in the Prefill reply, the rest on the token machine's
-   event stream (`on_events`). A colocated attempt is one Generate on one machine.
+   address. Both (and Generate, Abort) travel as items on the machine's Work stream
+   (cls/work_stream.py), each with the `rpc_timeout_s` deadline. The first token comes back in
+   the Prefill reply, the rest on the token machine's event stream (`on_events`). A colocated
+   attempt is one Generate on one machine.
 3. Each attempt has its own machine-level id (`<request_id>#<n>`), so a late event of an old
    attempt is never taken for the current one.
 4. A machine lost, a failed transfer or an unreachable machine ends the attempt; the next one
@@ -26,6 +28,7 @@ import grpc
 from cls.pools import Pool, Pools
 from cls.registry import Registry
 from cls.router import NoMachine, Route, Router
+from cls.work_stream import WorkError
 from proto import mlsd_pb2 as mpb
 
 log = logging.getLogger("clsd.requests")
@@ -165,14 +168,14 @@ class Dispatcher:
             pm.requests.add(a.attempt_id)
             tm.requests.add(a.attempt_id)
             if route.colocated:
-                await self._call(tm, "Generate", mpb.GenerateRequest(request=spec))
+                await self._call(tm, "generate", mpb.GenerateRequest(request=spec))
             else:
-                reply = await self._call(tm, "AddDecode", mpb.AddDecodeRequest(request=spec))
+                reply = await self._call(tm, "add_decode", mpb.AddDecodeRequest(request=spec))
                 if not reply.reserved:
                     async for new in self._until(a, "RESERVED"):
                         yield new
                 req.prefill_start_s = req.prefill_start_s or time.monotonic()
-                pre = await self._call(pm, "Prefill", mpb.PrefillRequest(
+                pre = await self._call(pm, "prefill", mpb.PrefillRequest(
                     request=spec, kv_address=tm.info.kv_address))
                 self._credit_prompt(a)
                 new = self._deliver(a, 0, pre.first_token_id)
@@ -239,8 +242,8 @@ class Dispatcher:
 
     async def _call(self, link, method: str, request):
         try:
-            return await getattr(link.stub, method)(request, timeout=self.rpc_timeout_s)
-        except grpc.aio.AioRpcError as e:
+            return await link.work.call(method, request, self.rpc_timeout_s)
+        except WorkError as e:
             if e.code() in _RETRY_CODES:
                 raise _AttemptFailed(f"{method} on {link.machine_id}: {e.code().name} {e.details()}",
                                      (link.machine_id,)) from None
@@ -276,8 +279,8 @@ class Dispatcher:
 
     async def _abort(self, link, attempt_id: str) -> None:
         try:
-            await link.stub.Abort(mpb.AbortRequest(request_id=attempt_id), timeout=self.rpc_timeout_s)
-        except grpc.aio.AioRpcError:
+            await link.work.call("abort", mpb.AbortRequest(request_id=attempt_id), self.rpc_timeout_s)
+        except WorkError:
             pass  # unknown there (already done) or the machine is gone: nothing is held
 
     def _spawn(self, coro) -> None:
