@@ -19,7 +19,7 @@ import asyncio
 
 import grpc
 
-from mls.work import serve_work
+from mls.work import WorkServer
 from proto import clsd_pb2 as cpb
 from proto import clsd_pb2_grpc, mlsd_pb2_grpc
 from proto import mlsd_pb2 as pb
@@ -125,7 +125,7 @@ class FakeMachine(mlsd_pb2_grpc.MachineServiceServicer):
     async def Work(self, request_iterator, context):
         ops = {"add_decode": self._add_decode, "prefill": self._prefill, "generate": self._generate,
                "abort": self._abort}
-        await serve_work(request_iterator, context, lambda op, r: ops[op](r), lambda e: None)
+        await WorkServer(lambda op, r: ops[op](r), lambda e: None).serve(request_iterator, context)
 
     async def StreamEvents(self, request, context):
         q: asyncio.Queue = asyncio.Queue()

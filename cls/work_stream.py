@@ -76,6 +76,10 @@ class WorkStream:
         finally:
             self._pending.pop(call_id, None)
 
+    @property
+    def is_open(self) -> bool:
+        return self._call is not None
+
     def close(self) -> None:
         self._closed = True
         self._break(self._call, grpc.StatusCode.UNAVAILABLE, f"machine {self.machine_id} left")

@@ -21,7 +21,7 @@ from engine.engine import Engine
 from engine.sequence import SamplingParams
 from mls.config import MlsConfig
 from mls.requests import Aborted, BadRequest, Draining, Failed, MlsError, Overloaded
-from mls.work import serve_work
+from mls.work import WorkServer
 from mls.worker import EngineWorker
 from proto import mlsd_pb2 as pb
 from proto import mlsd_pb2_grpc
@@ -65,6 +65,7 @@ class MachineService(mlsd_pb2_grpc.MachineServiceServicer):
         self.cfg, self.engine, self.worker, self.kv_address = cfg, engine, worker, kv_address
         self.draining = False
         self._subscribers: set[_Subscriber] = set()
+        self._work_servers: set[WorkServer] = set()
         self._loop = asyncio.get_running_loop()
 
     # -- work ---------------------------------------------------------------------------------
@@ -87,8 +88,12 @@ class MachineService(mlsd_pb2_grpc.MachineServiceServicer):
     async def Work(self, request_iterator, context) -> None:
         ops = {"prefill": self._prefill, "add_decode": self._add_decode,
                "generate": self._generate, "abort": self._abort}
-        await serve_work(request_iterator, context, lambda op, r: ops[op](r),
-                         lambda e: STATUS.get(type(e)))
+        server = WorkServer(lambda op, r: ops[op](r), lambda e: STATUS.get(type(e)))
+        self._work_servers.add(server)
+        try:
+            await server.serve(request_iterator, context)
+        finally:
+            self._work_servers.discard(server)
 
     def _prefill(self, request: pb.PrefillRequest):
         async def run(rid, prompt, params):
@@ -150,6 +155,9 @@ class MachineService(mlsd_pb2_grpc.MachineServiceServicer):
                 self._subscribers.discard(sub)
 
     def close_streams(self) -> None:
+        """At shutdown, after the drain: event streams end now, Work streams once answered."""
+        for server in list(self._work_servers):
+            server.close()
         for sub in list(self._subscribers):
             sub.closed = True
             if not sub.queue.full():

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from cls.work_stream import WorkError, WorkStream
-from mls.work import serve_work
+from mls.work import WorkServer
 from proto import mlsd_pb2 as pb
 from proto import mlsd_pb2_grpc
 
@@ -24,7 +24,8 @@ class Machine(mlsd_pb2_grpc.MachineServiceServicer):
 
     def __init__(self, end_first: int = 0):
         self.cancelled: list[str] = []
-        self.streams = 0
+        self.streams = self.ended = 0
+        self.servers: list[WorkServer] = []
         self.end_first = end_first
 
     def _run(self, op: str, request):
@@ -48,8 +49,11 @@ class Machine(mlsd_pb2_grpc.MachineServiceServicer):
         if self.streams <= self.end_first:
             async for _ in request_iterator:
                 return
-        await serve_work(request_iterator, context, self._run,
-                         lambda e: grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError) else None)
+        server = WorkServer(self._run,
+                            lambda e: grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError) else None)
+        self.servers.append(server)
+        await server.serve(request_iterator, context)
+        self.ended += 1
 
 
 async def start(machine: Machine):
@@ -124,6 +128,11 @@ def test_stream_ended_by_the_machine_fails_waiting_calls_and_reopens():
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
             reply = await ws.call("add_decode", decode("br"), 10.0)  # a new stream
             assert reply.reserved and machine.streams == 2
+            # The machine shuts down its stream (mlsd after its drain): it ends, clsd notices, and
+            # the next call opens a new one.
+            machine.servers[-1].close()
+            await wait_for(lambda: machine.ended == 1 and not ws.is_open)
+            assert (await ws.call("add_decode", decode("cr"), 10.0)).reserved and machine.streams == 3
         finally:
             ws.close()
             await channel.close()
