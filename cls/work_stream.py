@@ -105,9 +105,9 @@ class WorkStream:
                 await call.write(batch)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - the call is done (broken); the reader reports it
+        except Exception as e:  # noqa: BLE001 - the call is done or broken: fail what waits on it
             log.debug("work stream to %s: write failed: %s", self.machine_id, e)
-            call.cancel()
+            self._break(call, grpc.StatusCode.UNAVAILABLE, f"its work stream failed: {e}")
 
     async def _read_loop(self, call) -> None:
         code, details = grpc.StatusCode.UNAVAILABLE, "its work stream ended"
@@ -126,7 +126,10 @@ class WorkStream:
                     else:
                         fut.set_result(getattr(r, op))
         except asyncio.CancelledError:
-            return
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                return  # our own task is being cancelled (by _break or close): nothing to report
+            code, details = grpc.StatusCode.CANCELLED, "its work stream was cancelled"
         except grpc.aio.AioRpcError as e:
             code, details = e.code(), f"its work stream failed: {e.details()}"
         self._break(call, code, details)

@@ -48,11 +48,13 @@ class WorkServer:
                     batch, self._batch = self._batch, pb.WorkResults()
                     await context.write(batch)
                     continue
+                if reader.done() and (reader.cancelled() or reader.exception() is not None):
+                    break  # the stream broke: nobody will read the answers of the items in hand
                 if (reader.done() or self._closing) and not self._tasks:
                     break
                 self._ready.clear()
                 await self._ready.wait()
-            if reader.done():
+            if reader.done() and not reader.cancelled():
                 reader.result()  # a broken stream raises here (its status is the caller's)
         finally:
             reader.cancel()
