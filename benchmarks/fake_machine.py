@@ -5,7 +5,9 @@
 2. AddDecode reserves at once; Prefill answers the first token at once. A decode step every
    `step_s` emits the next token of every active request (token i is `i`), one MachineEvents
    message per step, then FINISHED after max_tokens; Generate does both phases the same way.
-3. Abort forgets the request. Nothing here touches clsd's internals: only the public protos.
+3. Abort forgets the request. Work (clsd's data path) answers the same four kinds of items on
+   one bidirectional stream, through mlsd's own stream server (mls/work.py); the unary RPCs stay
+   for direct callers. Nothing here touches clsd's internals: only the public protos.
 4. Counters for benchmarks: `tokens_emitted` (put on the event stream by the step clock),
    `tokens_sent` (taken off it by the gRPC stream, i.e. handed to clsd), `max_backlog` (the most
    step messages queued behind a slow reader), `num_steps`, `num_prefills`.
@@ -17,6 +19,7 @@ import asyncio
 
 import grpc
 
+from mls.work import WorkServer
 from proto import clsd_pb2 as cpb
 from proto import clsd_pb2_grpc, mlsd_pb2_grpc
 from proto import mlsd_pb2 as pb
@@ -89,21 +92,40 @@ class FakeMachine(mlsd_pb2_grpc.MachineServiceServicer):
                 q.put_nowait(msg)
                 self.max_backlog = max(self.max_backlog, q.qsize())
 
-    async def AddDecode(self, request, context):
+    # The work itself, shared by the unary RPCs and the Work stream: answered at once.
+
+    def _add_decode(self, request: pb.AddDecodeRequest) -> pb.AddDecodeReply:
         self.active[request.request.request_id] = [1, request.request.sampling.max_tokens]
         return pb.AddDecodeReply(reserved=True)
 
-    async def Prefill(self, request, context):
+    def _prefill(self, request: pb.PrefillRequest) -> pb.PrefillReply:
         self.num_prefills += 1
         return pb.PrefillReply(request_id=request.request.request_id, first_token_id=0,
                                kv_mode="serialized")
 
-    async def Generate(self, request, context):
+    def _generate(self, request: pb.GenerateRequest) -> pb.GenerateReply:
         self.active[request.request.request_id] = [0, request.request.sampling.max_tokens]
         return pb.GenerateReply()
 
-    async def Abort(self, request, context):
+    def _abort(self, request: pb.AbortRequest) -> pb.AbortReply:
         return pb.AbortReply(found=self.active.pop(request.request_id, None) is not None)
+
+    async def AddDecode(self, request, context):
+        return self._add_decode(request)
+
+    async def Prefill(self, request, context):
+        return self._prefill(request)
+
+    async def Generate(self, request, context):
+        return self._generate(request)
+
+    async def Abort(self, request, context):
+        return self._abort(request)
+
+    async def Work(self, request_iterator, context):
+        ops = {"add_decode": self._add_decode, "prefill": self._prefill, "generate": self._generate,
+               "abort": self._abort}
+        await WorkServer(lambda op, r: ops[op](r), lambda e: None).serve(request_iterator, context)
 
     async def StreamEvents(self, request, context):
         q: asyncio.Queue = asyncio.Queue()

@@ -3,7 +3,8 @@
 Life cycle of a machine here:
 1. `register` (mlsd's Register RPC): a machine id already present is a restarted machine, so the
    old incarnation is dropped first (its requests re-routed). The new one gets a lease, joins its
-   home pool, and clsd opens a channel to it and subscribes to its event stream.
+   home pool, and clsd opens a channel to it and subscribes to its event stream. Requests go
+   to it on its Work stream (cls/work_stream.py), opened on first use.
 2. `heartbeat` renews the lease and applies the load report to the pools.
 3. Tokens and request events from the machine's stream go to `on_events(machine_id, msg)`.
 4. A machine is lost when its lease expires or its event stream breaks: it leaves the pools,
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from cls.pools import Pool, PoolError, Pools
+from cls.work_stream import WorkStream
 from proto import mlsd_pb2 as mpb
 from proto import mlsd_pb2_grpc
 
@@ -45,6 +47,7 @@ class MachineLink:
     channel: grpc.aio.Channel
     stub: mlsd_pb2_grpc.MachineServiceStub
     expires_at: float
+    work: WorkStream
     stream_task: asyncio.Task | None = None
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
     requests: set[str] = field(default_factory=set)
@@ -81,9 +84,9 @@ class Registry:
             log.warning("machine %s registered again: dropping its old incarnation", info.machine_id)
             await self._drop(info.machine_id, "the machine restarted")
         channel = grpc.aio.insecure_channel(address)
-        link = MachineLink(info.machine_id, secrets.token_hex(8), address, info, channel,
-                           mlsd_pb2_grpc.MachineServiceStub(channel),
-                           time.monotonic() + self.lease_ttl_s)
+        stub = mlsd_pb2_grpc.MachineServiceStub(channel)
+        link = MachineLink(info.machine_id, secrets.token_hex(8), address, info, channel, stub,
+                           time.monotonic() + self.lease_ttl_s, WorkStream(stub, info.machine_id))
         # Subscribe before the machine can be routed to, so none of its tokens is missed.
         link.stream_task = asyncio.create_task(self._consume(link))
         waiter = asyncio.ensure_future(link.subscribed.wait())
@@ -160,6 +163,7 @@ class Registry:
         self.pools.remove(machine_id)
         if link.stream_task is not None and link.stream_task is not asyncio.current_task():
             link.stream_task.cancel()
+        link.work.close()  # its waiting calls fail now; the attempts re-route on `on_lost`
         if reason is not None:
             self.on_lost(machine_id, reason)
         await link.channel.close(grace=None)

@@ -4,8 +4,10 @@
    tokens (each output index exactly once, in order) and returns when the request finishes.
 2. An attempt: the router picks (prompt, token) machines; clsd sends AddDecode to the token
    machine, waits for RESERVED, then Prefill to the prompt machine naming the token machine's KV
-   address. The first token comes back in the Prefill reply, the rest on the token machine's
-   event stream (`on_events`). A colocated attempt is one Generate on one machine.
+   address. Both (and Generate, Abort) travel as items on the machine's Work stream
+   (cls/work_stream.py), each with the `rpc_timeout_s` deadline. The first token comes back in
+   the Prefill reply, the rest on the token machine's event stream (`on_events`). A colocated
+   attempt is one Generate on one machine.
 3. Each attempt has its own machine-level id (`<request_id>#<n>`), so a late event of an old
    attempt is never taken for the current one.
 4. A machine lost, a failed transfer or an unreachable machine ends the attempt; the next one
@@ -26,6 +28,7 @@ import grpc
 from cls.pools import Pool, Pools
 from cls.registry import Registry
 from cls.router import NoMachine, Route, Router
+from cls.work_stream import WorkError
 from proto import mlsd_pb2 as mpb
 
 log = logging.getLogger("clsd.requests")
@@ -81,6 +84,7 @@ class _Attempt:
     prompt_len: int
     prompt_credited: bool = False
     produced: int = 0
+    credited: int = 0  # of `produced`, credited to the token machine's pending decode tokens
     ended: bool = False
     ahead: dict[int, int] = field(default_factory=dict)
 
@@ -165,18 +169,27 @@ class Dispatcher:
             pm.requests.add(a.attempt_id)
             tm.requests.add(a.attempt_id)
             if route.colocated:
-                await self._call(tm, "Generate", mpb.GenerateRequest(request=spec))
+                await self._call(tm, "generate", mpb.GenerateRequest(request=spec))
             else:
-                reply = await self._call(tm, "AddDecode", mpb.AddDecodeRequest(request=spec))
+                reply = await self._call(tm, "add_decode", mpb.AddDecodeRequest(request=spec))
                 if not reply.reserved:
                     async for new in self._until(a, "RESERVED"):
                         yield new
                 req.prefill_start_s = req.prefill_start_s or time.monotonic()
-                pre = await self._call(pm, "Prefill", mpb.PrefillRequest(
+                pre = await self._call(pm, "prefill", mpb.PrefillRequest(
                     request=spec, kv_address=tm.info.kv_address))
                 self._credit_prompt(a)
                 new = self._deliver(a, 0, pre.first_token_id)
+                if self._finished_already(req):
+                    # The first token ends it (max_tokens 1, or a stop token): the client has its
+                    # answer now, not a decode step later when the token machine reports FINISHED
+                    # (it finishes on its own; nothing is left to abort).
+                    self._credit_tokens(a)
+                    if new:
+                        yield new
+                    return
                 if new:
+                    self._credit_tokens(a)
                     yield new
             async for new in self._until(a, "FINISHED"):
                 yield new
@@ -185,10 +198,12 @@ class Dispatcher:
 
     async def _until(self, a: _Attempt, kind: str):
         """Consumes the inbox until an event of `kind` arrives, yielding delivered tokens: all
-        that are already waiting go out as one batch (one client message, not one per token)."""
+        that are already waiting go out as one batch (one client message, not one per token).
+        FINISHED is recorded before the last batch goes out, so that batch can carry the end."""
         req, new = a.req, []
         while True:
             if new and req.inbox.empty():
+                self._credit_tokens(a)
                 yield new
                 new = []
             item = await req.inbox.get()
@@ -197,17 +212,20 @@ class Dispatcher:
             if item[0] == "token":
                 new += self._deliver(a, item[2], item[3])
                 continue
+            finished = item[0] == "event" and item[2].kind == mpb.RequestEvent.FINISHED
+            if finished:
+                req.finish_reason = item[2].finish_reason or "stop"
             if new:  # tokens already placed in req.tokens reach the client before anything ends
+                self._credit_tokens(a)
                 yield new
                 new = []
+            if finished:
+                return
             if item[0] == "lost":
                 raise _AttemptFailed(item[3], (item[2],))
             e = item[2]
             name = mpb.RequestEvent.Kind.Name(e.kind)
             if name == kind == "RESERVED":
-                return
-            if name == "FINISHED":
-                req.finish_reason = e.finish_reason or "stop"
                 return
             if name in ("FAILED", "ABORTED"):
                 raise _AttemptFailed(f"{name.lower()} on {a.route.token_machine}: {e.message}",
@@ -224,10 +242,14 @@ class Dispatcher:
             req.tokens.append(a.ahead.pop(i))
             req.token_times.append(time.monotonic())
             new.append(req.tokens[-1])
-        if new:
-            a.produced += len(new)
-            self.pools.credit_decode(a.route.token_machine, len(new))
+        a.produced += len(new)
         return new
+
+    def _credit_tokens(self, a: _Attempt) -> None:
+        """Credits the router for the tokens delivered since the last credit (once per batch)."""
+        if a.produced > a.credited:
+            self.pools.credit_decode(a.route.token_machine, a.produced - a.credited)
+            a.credited = a.produced
 
     # -- machines -------------------------------------------------------------------------------
 
@@ -239,8 +261,8 @@ class Dispatcher:
 
     async def _call(self, link, method: str, request):
         try:
-            return await getattr(link.stub, method)(request, timeout=self.rpc_timeout_s)
-        except grpc.aio.AioRpcError as e:
+            return await link.work.call(method, request, self.rpc_timeout_s)
+        except WorkError as e:
             if e.code() in _RETRY_CODES:
                 raise _AttemptFailed(f"{method} on {link.machine_id}: {e.code().name} {e.details()}",
                                      (link.machine_id,)) from None
@@ -263,7 +285,7 @@ class Dispatcher:
         self.attempts.pop(a.attempt_id, None)
         r = a.route
         self._credit_prompt(a)
-        remaining = a.req.max_tokens - a.offset - a.produced
+        remaining = a.req.max_tokens - a.offset - a.credited  # the uncredited and the unproduced
         self.pools.credit_decode(r.token_machine, max(0, remaining), r.num_blocks)
         self._return_idle(r.token_machine)
         for mid in {r.prompt_machine, r.token_machine}:
@@ -276,8 +298,8 @@ class Dispatcher:
 
     async def _abort(self, link, attempt_id: str) -> None:
         try:
-            await link.stub.Abort(mpb.AbortRequest(request_id=attempt_id), timeout=self.rpc_timeout_s)
-        except grpc.aio.AioRpcError:
+            await link.work.call("abort", mpb.AbortRequest(request_id=attempt_id), self.rpc_timeout_s)
+        except WorkError:
             pass  # unknown there (already done) or the machine is gone: nothing is held
 
     def _spawn(self, coro) -> None:

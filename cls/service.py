@@ -212,25 +212,38 @@ class ClientService(clsd_pb2_grpc.ClientServiceServicer):
         except RequestError as e:
             await context.abort(e.code, e.message)
         try:
-            first = True
+            first, last = True, None
             async for new, text in self.s.generate(req):
-                yield pb.GenerateResponse(request_id=req.request_id, index=len(req.tokens) - len(new),
+                if last is not None:
+                    yield last
+                msg = pb.GenerateResponse(request_id=req.request_id, index=len(req.tokens) - len(new),
                                           token_ids=new, text=text,
                                           num_prompt_tokens=len(req.prompt_ids) if first else 0)
                 first = False
-            yield self._last(req)
+                if req.finish_reason:
+                    # The run has ended (FINISHED came with these tokens): this message is the last
+                    # one and carries the end too, one client message fewer. It goes out once the
+                    # run has returned, i.e. at once (the run yields nothing more).
+                    last = self._last(req, msg)
+                else:
+                    yield msg
+            yield last if last is not None else self._last(req)
         except RequestError as e:
             await context.abort(e.code, e.message)
         finally:
             self.s.release(req, "cancelled")  # a no-op unless the stream ended before generate ran
 
-    def _last(self, req: ClusterRequest) -> pb.GenerateResponse:
+    def _last(self, req: ClusterRequest, msg: pb.GenerateResponse | None = None) -> pb.GenerateResponse:
+        """The end of the stream: finish reason, timing and route, on `msg` (the last tokens) or
+        on a message of its own."""
         route = req.route
-        return pb.GenerateResponse(
-            request_id=req.request_id, index=len(req.tokens), finish_reason=req.finish_reason,
-            timing=timing(req), num_reroutes=req.num_reroutes,
-            prompt_machine=route.prompt_machine if route else "",
-            token_machine=route.token_machine if route else "")
+        last = msg if msg is not None else pb.GenerateResponse(request_id=req.request_id,
+                                                               index=len(req.tokens))
+        last.finish_reason, last.num_reroutes = req.finish_reason, req.num_reroutes
+        last.timing.CopyFrom(timing(req))
+        last.prompt_machine = route.prompt_machine if route else ""
+        last.token_machine = route.token_machine if route else ""
+        return last
 
 
 def timing(req: ClusterRequest) -> pb.Timing:

@@ -1,8 +1,9 @@
 """mlsd's gRPC service: validates, hands work to the engine worker, streams events out.
 
-1. A unary RPC (Prefill / AddDecode / Generate / Abort) is checked here (draining, ids, sampling
-   values) and submitted to the worker; the worker's typed error becomes a status code with a
-   message that names the problem. A client that goes away aborts its request.
+1. Work (Prefill / AddDecode / Generate / Abort), as a unary RPC or as an item on the Work stream
+   (mls/work.py), is checked here (draining, ids, sampling values) and submitted to the worker;
+   the worker's typed error becomes a status code with a message that names the problem. A
+   client that goes away (a cancelled call, a Work stream that ends) aborts its request.
 2. StreamEvents: every subscriber gets each worker turn's tokens and events as one message.
 3. GetInfo / GetLoad answer with `info()` / `load_report()`, the same messages the machine
    registers and heartbeats with (mls/registration.py).
@@ -20,6 +21,7 @@ from engine.engine import Engine
 from engine.sequence import SamplingParams
 from mls.config import MlsConfig
 from mls.requests import Aborted, BadRequest, Draining, Failed, MlsError, Overloaded
+from mls.work import WorkServer
 from mls.worker import EngineWorker
 from proto import mlsd_pb2 as pb
 from proto import mlsd_pb2_grpc
@@ -33,6 +35,14 @@ ROLES = {"prompt": pb.PROMPT, "token": pb.TOKEN, "mixed": pb.MIXED}
 EVENT_KINDS = {"RESERVED": pb.RequestEvent.RESERVED, "FINISHED": pb.RequestEvent.FINISHED,
                "FAILED": pb.RequestEvent.FAILED, "ABORTED": pb.RequestEvent.ABORTED}
 SUBSCRIBER_QUEUE_LEN = 4096
+
+
+async def _unary(work, context):
+    """Runs one kind of work for a unary RPC: an MlsError becomes the call's status."""
+    try:
+        return await work
+    except MlsError as e:
+        await context.abort(STATUS[type(e)], str(e))
 
 
 def sampling_from_proto(sp: pb.SamplingParams) -> SamplingParams:
@@ -55,11 +65,37 @@ class MachineService(mlsd_pb2_grpc.MachineServiceServicer):
         self.cfg, self.engine, self.worker, self.kv_address = cfg, engine, worker, kv_address
         self.draining = False
         self._subscribers: set[_Subscriber] = set()
+        self._work_servers: set[WorkServer] = set()
         self._loop = asyncio.get_running_loop()
 
     # -- work ---------------------------------------------------------------------------------
 
+    # Each kind of work is one coroutine that raises MlsError; the unary RPCs and the Work stream
+    # (mls/work.py) both run them, so the checks and the abort-on-cancel are the same on both.
+
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillReply:
+        return await _unary(self._prefill(request), context)
+
+    async def AddDecode(self, request: pb.AddDecodeRequest, context) -> pb.AddDecodeReply:
+        return await _unary(self._add_decode(request), context)
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateReply:
+        return await _unary(self._generate(request), context)
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortReply:
+        return await _unary(self._abort(request), context)
+
+    async def Work(self, request_iterator, context) -> None:
+        ops = {"prefill": self._prefill, "add_decode": self._add_decode,
+               "generate": self._generate, "abort": self._abort}
+        server = WorkServer(lambda op, r: ops[op](r), lambda e: STATUS.get(type(e)))
+        self._work_servers.add(server)
+        try:
+            await server.serve(request_iterator, context)
+        finally:
+            self._work_servers.discard(server)
+
+    def _prefill(self, request: pb.PrefillRequest):
         async def run(rid, prompt, params):
             if not request.kv_address:
                 raise BadRequest("kv_address is empty")
@@ -67,29 +103,25 @@ class MachineService(mlsd_pb2_grpc.MachineServiceServicer):
                 rid, prompt, params, request.kv_address, request.transfer_timeout_s))
             return pb.PrefillReply(request_id=rid, first_token_id=res.first_token_id,
                                    kv_mode=res.kv_mode, queue_s=res.queue_s, prefill_s=res.prefill_s)
-        return await self._work(request.request, context, run)
+        return self._work(request.request, run)
 
-    async def AddDecode(self, request: pb.AddDecodeRequest, context) -> pb.AddDecodeReply:
+    def _add_decode(self, request: pb.AddDecodeRequest):
         async def run(rid, prompt, params):
             reserved = await asyncio.wrap_future(self.worker.add_decode(
                 rid, prompt, params, request.transfer_timeout_s))
             return pb.AddDecodeReply(reserved=reserved)
-        return await self._work(request.request, context, run)
+        return self._work(request.request, run)
 
-    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateReply:
+    def _generate(self, request: pb.GenerateRequest):
         async def run(rid, prompt, params):
             await asyncio.wrap_future(self.worker.add_generate(rid, prompt, params))
             return pb.GenerateReply()
-        return await self._work(request.request, context, run)
+        return self._work(request.request, run)
 
-    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortReply:
-        try:
-            found = await asyncio.wrap_future(self.worker.abort(request.request_id))
-        except MlsError as e:
-            await context.abort(STATUS[type(e)], str(e))
-        return pb.AbortReply(found=found)
+    async def _abort(self, request: pb.AbortRequest) -> pb.AbortReply:
+        return pb.AbortReply(found=await asyncio.wrap_future(self.worker.abort(request.request_id)))
 
-    async def _work(self, spec: pb.RequestSpec, context, run):
+    async def _work(self, spec: pb.RequestSpec, run):
         try:
             if self.draining:
                 raise Draining("machine is draining")
@@ -99,8 +131,6 @@ class MachineService(mlsd_pb2_grpc.MachineServiceServicer):
                 raise BadRequest("request.sampling is missing")
             params = sampling_from_proto(spec.sampling)
             return await run(spec.request_id, list(spec.prompt_token_ids), params)
-        except MlsError as e:
-            await context.abort(STATUS[type(e)], str(e))
         except asyncio.CancelledError:  # the caller went away: free what it held
             self.worker.abort(spec.request_id)
             raise
@@ -125,6 +155,9 @@ class MachineService(mlsd_pb2_grpc.MachineServiceServicer):
                 self._subscribers.discard(sub)
 
     def close_streams(self) -> None:
+        """At shutdown, after the drain: event streams end now, Work streams once answered."""
+        for server in list(self._work_servers):
+            server.close()
         for sub in list(self._subscribers):
             sub.closed = True
             if not sub.queue.full():

@@ -154,6 +154,50 @@ class MachineEvents(_message.Message):
     events: _containers.RepeatedCompositeFieldContainer[RequestEvent]
     def __init__(self, tokens: _Optional[_Iterable[_Union[TokenDelta, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RequestEvent, _Mapping]]] = ...) -> None: ...
 
+class WorkItem(_message.Message):
+    __slots__ = ("call_id", "add_decode", "prefill", "generate", "abort")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    ADD_DECODE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    add_decode: AddDecodeRequest
+    prefill: PrefillRequest
+    generate: GenerateRequest
+    abort: AbortRequest
+    def __init__(self, call_id: _Optional[int] = ..., add_decode: _Optional[_Union[AddDecodeRequest, _Mapping]] = ..., prefill: _Optional[_Union[PrefillRequest, _Mapping]] = ..., generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ...) -> None: ...
+
+class WorkBatch(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[WorkItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[WorkItem, _Mapping]]] = ...) -> None: ...
+
+class WorkResult(_message.Message):
+    __slots__ = ("call_id", "code", "message", "add_decode", "prefill", "generate", "abort")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ADD_DECODE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    code: int
+    message: str
+    add_decode: AddDecodeReply
+    prefill: PrefillReply
+    generate: GenerateReply
+    abort: AbortReply
+    def __init__(self, call_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., add_decode: _Optional[_Union[AddDecodeReply, _Mapping]] = ..., prefill: _Optional[_Union[PrefillReply, _Mapping]] = ..., generate: _Optional[_Union[GenerateReply, _Mapping]] = ..., abort: _Optional[_Union[AbortReply, _Mapping]] = ...) -> None: ...
+
+class WorkResults(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[WorkResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[WorkResult, _Mapping]]] = ...) -> None: ...
+
 class LoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

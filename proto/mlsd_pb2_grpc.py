@@ -59,6 +59,11 @@ class MachineServiceStub:
                 request_serializer=proto_dot_mlsd__pb2.StreamEventsRequest.SerializeToString,
                 response_deserializer=proto_dot_mlsd__pb2.MachineEvents.FromString,
                 _registered_method=True)
+        self.Work = channel.stream_stream(
+                '/splitserve.mls.v1.MachineService/Work',
+                request_serializer=proto_dot_mlsd__pb2.WorkBatch.SerializeToString,
+                response_deserializer=proto_dot_mlsd__pb2.WorkResults.FromString,
+                _registered_method=True)
         self.GetLoad = channel.unary_unary(
                 '/splitserve.mls.v1.MachineService/GetLoad',
                 request_serializer=proto_dot_mlsd__pb2.LoadRequest.SerializeToString,
@@ -104,6 +109,12 @@ class MachineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Work(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetLoad(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -143,6 +154,11 @@ def add_MachineServiceServicer_to_server(servicer, server):
                     servicer.StreamEvents,
                     request_deserializer=proto_dot_mlsd__pb2.StreamEventsRequest.FromString,
                     response_serializer=proto_dot_mlsd__pb2.MachineEvents.SerializeToString,
+            ),
+            'Work': grpc.stream_stream_rpc_method_handler(
+                    servicer.Work,
+                    request_deserializer=proto_dot_mlsd__pb2.WorkBatch.FromString,
+                    response_serializer=proto_dot_mlsd__pb2.WorkResults.SerializeToString,
             ),
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
@@ -290,6 +306,33 @@ class MachineService:
             '/splitserve.mls.v1.MachineService/StreamEvents',
             proto_dot_mlsd__pb2.StreamEventsRequest.SerializeToString,
             proto_dot_mlsd__pb2.MachineEvents.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Work(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/splitserve.mls.v1.MachineService/Work',
+            proto_dot_mlsd__pb2.WorkBatch.SerializeToString,
+            proto_dot_mlsd__pb2.WorkResults.FromString,
             options,
             channel_credentials,
             insecure,
