@@ -160,13 +160,18 @@ class ControlReceiver(KVReceiver):
             pass
         return True
 
-    def layer_spans(self, t: Transfer, layer: int) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
-        """The sink's buffers for one announced layer and their spans (see wire.buffer_spans)."""
+    @staticmethod
+    def check_layer(t: Transfer, layer: int) -> None:
+        """An announced layer index must be in range and new; ProtocolError otherwise."""
         n = t.spec.num_layers
         if not 0 <= layer < n:
             raise ProtocolError(f"layer index {layer} outside [0, {n})")
         if layer in t.layers:
             raise ProtocolError(f"layer {layer} sent twice")
+
+    def layer_spans(self, t: Transfer, layer: int) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        """The sink's buffers for one announced layer and their spans (see wire.buffer_spans)."""
+        self.check_layer(t, layer)
         buffers = t.sink.layer_buffers(layer)
         try:
             return buffers, buffer_spans(buffers, t.spec.layer_nbytes)

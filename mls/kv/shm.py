@@ -48,11 +48,9 @@ from mls.kv.shm_plan import CopyPlan, PlacementError, check_placement, make_plac
 from mls.kv.tcp import TCPReceiver, TCPSender, TCPSendHandle
 from mls.kv.wire import (
     FRAME,
-    FRAME_FINISH,
     FRAME_LAYER,
     TERMINAL,
     ProtocolError,
-    read_frame,
     recv_exact,
     remaining_s,
 )
@@ -132,22 +130,13 @@ class ShmReceiver(TCPReceiver):
         if placement["mode"] == "inline":
             super()._receive(t, conn, header)
             return
-        while True:
-            kind, arg = read_frame(conn, t.deadline_s)
-            if kind == FRAME_FINISH:
-                self.finish(t, conn, arg)
-                return
-            if kind != FRAME_LAYER:
-                raise ProtocolError(f"unknown frame kind {kind}")
-            if not 0 <= arg < t.spec.num_layers:
-                raise ProtocolError(f"layer index {arg} outside [0, {t.spec.num_layers})")
-            if arg in t.layers:
-                raise ProtocolError(f"layer {arg} sent twice")
+        while (layer := self.next_layer(t, conn)) is not None:  # the sender wrote it already
+            self.check_layer(t, layer)
             with t.write_lock:
                 if t.state != RECEIVING:
                     return
-                t.sink.layer_received(arg)
-            self.layer_done(t, arg)
+                t.sink.layer_received(layer)
+            self.layer_done(t, layer)
 
 
 class ShmSendHandle(TCPSendHandle):

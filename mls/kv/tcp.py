@@ -51,21 +51,25 @@ class TCPReceiver(ControlReceiver):
     transport = "tcp"
     magic = MAGIC
 
+    def next_layer(self, t: Transfer, conn: socket.socket) -> int | None:
+        """Reads the next frame: the layer it announces, or None once FINISH has been handled."""
+        kind, arg = read_frame(conn, t.deadline_s)
+        if kind == FRAME_FINISH:
+            self.finish(t, conn, arg)
+            return None
+        if kind != FRAME_LAYER:
+            raise ProtocolError(f"unknown frame kind {kind}")
+        return arg
+
     def _receive(self, t: Transfer, conn: socket.socket, header: dict) -> None:
-        while True:
-            kind, arg = read_frame(conn, t.deadline_s)
-            if kind == FRAME_FINISH:
-                self.finish(t, conn, arg)
-                return
-            if kind != FRAME_LAYER:
-                raise ProtocolError(f"unknown frame kind {kind}")
-            buffers, spans = self.layer_spans(t, arg)
+        while (layer := self.next_layer(t, conn)) is not None:
+            buffers, spans = self.layer_spans(t, layer)
             with t.write_lock:  # cancel/fail wait for this block: no write lands after them
                 if t.state != RECEIVING:
                     return
                 recv_views(conn, span_views(spans), t.deadline_s)
-                t.sink.layer_received(arg)
-            self.layer_done(t, arg)
+                t.sink.layer_received(layer)
+            self.layer_done(t, layer)
 
 
 class TCPSendHandle(ControlSendHandle):
