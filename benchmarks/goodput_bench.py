@@ -1,7 +1,7 @@
 """Goodput on real processes: Splitwise's 1 prompt + 1 token machine against 2 colocated machines
 (prompt-first mixing, and chunked prefill), on the same arrivals and the same SLOs.
 
-    .venv/bin/python benchmarks/goodput_bench.py [--rates 0.5,1,1.5,2,3,4,6] [--num-prompts 50]
+    .venv/bin/python benchmarks/goodput_bench.py [--rates 0.5,1,1.5,2,3,4] [--num-prompts 50]
         [--length-scale 0.2] [--chunk-budget 128] [--threads 1] [--transport shm]
         [--designs splitwise,prompt_first,chunked] [--out benchmarks/results/goodput_bench.json]
         [--plot-dir benchmarks/results/goodput_plots]
@@ -20,8 +20,9 @@
    (see SLOS). A request meets an SLO when it succeeded and every target holds; attainment = such
    requests / all requests; goodput = the highest rate whose attainment, and that of every lower
    rate, is >= 90% (cls/bench/metrics.py). Ratio = Splitwise / the better colocated design.
-4. Per run, CPU time (psutil) of clsd, each mlsd, this process (the load generator) and the rest
-   of the host (other users), in cores: the 2 "machines" share this host's cores.
+4. Per run, CPU time (psutil) of the running design's clsd and mlsd processes, this process (the
+   load generator), the idle designs' processes and the rest of the host (other users), in cores:
+   the 2 "machines" share this host's cores.
 5. Output: tables on stdout, JSON (--out), PNGs (--plot-dir): attainment against rate per SLO,
    TTFT / TPOT / ITL CDFs per rate with one line per design.
 """
@@ -313,7 +314,7 @@ def _interrupt(signum, frame) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--designs", default="splitwise,prompt_first,chunked")
-    ap.add_argument("--rates", default="0.5,1,1.5,2,3,4,6", help="req/s, comma-separated")
+    ap.add_argument("--rates", default="0.5,1,1.5,2,3,4", help="req/s, comma-separated")
     ap.add_argument("--num-prompts", type=int, default=50)
     ap.add_argument("--length-scale", type=float, default=0.2)
     ap.add_argument("--probes", type=int, default=5, help="uncontended requests, one at a time")
