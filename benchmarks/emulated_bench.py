@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from cls.client import AsyncClsClient  # noqa: E402
 from cls.local import LocalCluster, LocalConfig  # noqa: E402
-from cls.simulator import ClusterDesign, Simulator, percentile  # noqa: E402
+from cls.sim_result import percentile  # noqa: E402
+from cls.simulator import ClusterDesign, Simulator  # noqa: E402
 from cls.traces import load_azure_trace  # noqa: E402
 from engine.modelled import ProfileLatencyModel  # noqa: E402
 

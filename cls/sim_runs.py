@@ -20,7 +20,8 @@ import numpy as np
 
 from cls.sim_design import SimDesignConfig
 from cls.sim_report import Reference, SloReport, goodput_rate
-from cls.simulator import SimResult, Simulator
+from cls.sim_result import SimResult
+from cls.simulator import Simulator
 from cls.traces import Arrival, LengthSpec, gamma_arrivals, load_azure_trace
 
 

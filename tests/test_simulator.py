@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from cls.sim_report import SPLITWISE_SLO, Reference, SloError, SloReport, goodput_rate, parse_slo
-from cls.simulator import ClusterDesign, Simulator, percentile
+from cls.sim_result import percentile
+from cls.simulator import ClusterDesign, Simulator
 from cls.traces import Arrival, TraceError, gamma_arrivals, load_azure_trace, poisson_arrivals
 from engine.modelled import LINKS, MODEL_SHAPES, LatencyModel, ProfileLatencyModel, kv_transfer_s
 from tests.conftest import SHARED
