@@ -52,21 +52,26 @@ class Engine:
         weights = load_weights(config.model, mc, self.dtype, self.device)
         self.weight_bytes = weights.num_bytes
         self.model = LlamaModel(mc, weights, self.max_model_len)
-        dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
-        bytes_per_block = mc.kv_bytes_per_token(dtype_bytes) * config.block_size
-        num_blocks = kv_cache_num_blocks(
-            budget_bytes=config.kv_cache_bytes, device=self.device,
-            fraction=config.kv_cache_memory_fraction, headroom_bytes=config.kv_cache_headroom_bytes,
-            bytes_per_block=bytes_per_block,
-            max_useful_blocks=config.max_num_seqs * -(-self.max_model_len // config.block_size))
-        self.kv = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads,
-                          mc.head_dim, self.dtype, self.device,
-                          shared_memory=config.kv_cache_shared_memory)
+        self.kv = self._build_kv_cache()
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
+
+    def _build_kv_cache(self) -> KVCache:
+        """The paged cache sized from the config's budget (or free device memory); needs
+        config, model_config, device, dtype and max_model_len set."""
+        config, mc = self.config, self.model_config
+        dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
+        num_blocks = kv_cache_num_blocks(
+            budget_bytes=config.kv_cache_bytes, device=self.device,
+            fraction=config.kv_cache_memory_fraction, headroom_bytes=config.kv_cache_headroom_bytes,
+            bytes_per_block=mc.kv_bytes_per_token(dtype_bytes) * config.block_size,
+            max_useful_blocks=config.max_num_seqs * -(-self.max_model_len // config.block_size))
+        return KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads,
+                       mc.head_dim, self.dtype, self.device,
+                       shared_memory=config.kv_cache_shared_memory)
 
     # -- request life cycle ------------------------------------------------------------------
 

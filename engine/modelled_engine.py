@@ -27,8 +27,6 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine import Engine, KVExportHook, _max_model_len
-from engine.kv_cache import KVCache
-from engine.memory import kv_cache_num_blocks
 from engine.model_config import ModelConfig
 from engine.modelled import LatencyModel
 from engine.sequence import SeqStatus, Sequence
@@ -48,15 +46,7 @@ class ModelledEngine(Engine):
         self.tokenizer = None
         self.model = None
         self.weight_bytes = 0
-        dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
-        num_blocks = kv_cache_num_blocks(
-            budget_bytes=config.kv_cache_bytes, device=self.device,
-            fraction=config.kv_cache_memory_fraction, headroom_bytes=config.kv_cache_headroom_bytes,
-            bytes_per_block=mc.kv_bytes_per_token(dtype_bytes) * config.block_size,
-            max_useful_blocks=config.max_num_seqs * -(-self.max_model_len // config.block_size))
-        self.kv = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads,
-                          mc.head_dim, self.dtype, self.device,
-                          shared_memory=config.kv_cache_shared_memory)
+        self.kv = self._build_kv_cache()
         self.eos_token_ids = set(mc.eos_token_ids)
         self.step_seconds = 0.0
         """Modelled seconds slept so far (after time_scale)."""
