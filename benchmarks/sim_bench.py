@@ -108,16 +108,10 @@ def part_scale(out: dict, duration_s: float, trace: str) -> None:
                         output_len=None, seed=1)
     print(f"\n== scale: 1,000 machines, 2,000 req/s, {duration_s:g} simulated s, {trace} lengths ==",
           flush=True)
-    from cls.progress import Progress
+    from cls.progress import advance_to_callback
 
-    def progress_for(label, total):
-        bar = Progress(total, label)
-
-        def advance_to(n):
-            while bar.done < n:
-                bar.update()
-        return advance_to
-    run = run_once(cfg, workload, 2000.0, SPLITWISE_SLO, progress_for)
+    run = run_once(cfg, workload, 2000.0, SPLITWISE_SLO,
+                   lambda label, total: advance_to_callback(total, label))
     row = _row(run)
     row["simulated_s"] = run.result.end_s
     row["requests_per_wall_s"] = round(run.num_requests / run.wall_s)

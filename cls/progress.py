@@ -40,3 +40,15 @@ class Progress:
         if self.enabled and self._tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def advance_to_callback(total: int, label: str = "", enabled: bool = True):
+    """A bar for work reported as 'n done so far' (the simulator's progress callback)."""
+    bar = Progress(total, label, enabled=enabled)
+
+    def advance_to(num_done: int) -> None:
+        while bar.done < num_done:
+            bar.update()
+        if num_done >= total:
+            bar.close()
+    return advance_to

@@ -42,18 +42,9 @@ def _rates(text: str) -> list[float]:
 
 def _progress_for(enabled: bool):
     """A progress bar per run, advanced as the simulator routes arrivals."""
-    from cls.progress import Progress
+    from cls.progress import advance_to_callback
 
-    def make(label: str, total: int):
-        bar = Progress(total, label, enabled=enabled)
-
-        def advance_to(num_arrived: int) -> None:
-            while bar.done < num_arrived:
-                bar.update()
-            if num_arrived >= total:
-                bar.close()
-        return advance_to
-    return make
+    return lambda label, total: advance_to_callback(total, label, enabled)
 
 
 def _print_run(report, out) -> None:
