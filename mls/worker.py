@@ -47,6 +47,7 @@ FINISH_REASONS = {SeqStatus.FINISHED_STOPPED: "stop", SeqStatus.FINISHED_LENGTH:
 # Events published per turn: (tokens [(request_id, index, token_id)], events [(request_id, kind,
 # finish_reason, message, num_output_tokens)]).
 EmitFn = Callable[[list[tuple], list[tuple]], None]
+POLL_S = 0.02  # how often an idle turn looks at transfers in flight (deadlines, finished sends)
 
 
 class EngineWorker:
@@ -69,11 +70,14 @@ class EngineWorker:
         self._sending: dict[str, MlsRequest] = {}
         self._cmds: list[Callable[[], None]] = []
         self._cv = threading.Condition()
+        self._kv_ended = False  # a transfer ended: the next turn polls it at once
         self._stop = False
         self._tokens: list[tuple] = []
         self._events: list[tuple] = []
         self.last_turn_s = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
+        if receiver is not None:
+            receiver.on_ended = self._transfer_ended
 
     # -- commands (any thread) ----------------------------------------------------------------
 
@@ -93,6 +97,11 @@ class EngineWorker:
     @property
     def idle(self) -> bool:
         return not self.requests and not self._sending
+
+    def _transfer_ended(self, _request_id: str) -> None:
+        with self._cv:
+            self._kv_ended = True
+            self._cv.notify()
 
     def submit(self, fn: Callable[..., object], *args) -> Future:
         fut: Future = Future()
@@ -156,14 +165,15 @@ class EngineWorker:
     def _wait_for_work(self) -> list[Callable[[], None]] | None:
         """The commands to run this turn, once there is something to do; None to stop."""
         with self._cv:
-            while not (self._cmds or self._stop or self._runnable()):
-                # Transfers in flight are polled; otherwise sleep until a command arrives.
+            while not (self._cmds or self._stop or self._kv_ended or self._runnable()):
+                # A received transfer that ends wakes this at once (on_ended); transfers in flight
+                # are still looked at every POLL_S for deadlines and finished sends.
                 busy = self._receiving or self._sending
-                self._cv.wait(0.002 if busy else 1.0)
+                self._cv.wait(POLL_S if busy else 1.0)
                 if busy:
                     break
                 self.last_turn_s = time.monotonic()
-            cmds, self._cmds = self._cmds, []
+            cmds, self._cmds, self._kv_ended = self._cmds, [], False
             return None if self._stop else cmds
 
     def _runnable(self) -> bool:

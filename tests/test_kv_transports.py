@@ -117,6 +117,82 @@ def test_round_trip_bytes_identical(pair, dtype):
 
 
 @pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)
+def test_on_ended_reports_done_and_failed_transfers_once_each(pair):
+    """The owner is told when a transfer ends (mlsd's worker wakes on it instead of polling)."""
+    receiver, sender = pair
+    ended: list[tuple[str, TransferState]] = []
+    woke = threading.Event()
+
+    def on_ended(rid: str) -> None:
+        ended.append((rid, receiver.poll(rid).state))  # already terminal when called
+        woke.set()
+
+    receiver.on_ended = on_ended
+    ok, bad = make_spec("ok", num_tokens=32), make_spec("bad", num_tokens=32)
+    receiver.expect(ok, BlockSink(ok), deadline())
+    receiver.expect(bad, BlockSink(bad), deadline())
+    send_all(sender.open(receiver.address(), ok, deadline()), ok)
+    assert woke.wait(10) and ended == [("ok", DONE)]
+    woke.clear()
+    handle = sender.open(receiver.address(), bad, deadline())
+    handle.send_layer(0, layer_data(bad, 0))
+    assert wait_for(lambda: receiver.poll("bad").layers_received == 1)
+    handle.abort("prefill failed")
+    assert woke.wait(10) and ended == [("ok", DONE), ("bad", FAILED)]
+    receiver.cancel("bad")  # already over: no second report
+    receiver.cancel("ok")
+    assert ended == [("ok", DONE), ("bad", FAILED)]
+
+
+@pytest.mark.parametrize("pair", ["tcp", "shm"], indirect=True)
+@pytest.mark.parametrize("taken", [5, 2, 0])
+def test_finish_after_every_layer_left_is_written_by_the_caller(pair, taken, monkeypatch):
+    """After a layerwise prefill only FINISH is left: finish() writes it on its own thread; what
+    a full socket did not take (`taken` of 5 bytes), the handle's thread sends."""
+    from mls.kv.control_sender import ControlSendHandle
+
+    receiver, sender = pair
+    written: list[bytes] = []
+    real_write = ControlSendHandle._write_now
+
+    def write_now(self, frame: bytes) -> int:
+        written.append(frame)
+        if taken == 5:
+            return real_write(self, frame)
+        return real_write(self, frame[:taken]) if taken else 0
+
+    monkeypatch.setattr(ControlSendHandle, "_write_now", write_now)
+    spec = make_spec("direct", num_tokens=48)
+    sink = BlockSink(spec)
+    receiver.expect(spec, sink, deadline())
+    handle = sender.open(receiver.address(), spec, deadline())
+    for i in range(spec.num_layers):
+        handle.send_layer(i, layer_data(spec, i))
+    assert wait_for(lambda: receiver.poll("direct").layers_received == spec.num_layers)
+    assert wait_for(lambda: handle._layers_sent == spec.num_layers)
+    handle.finish(4321)
+    assert handle.wait(10) == DONE, handle.error
+    assert len(written) == 1, "finish() did not write FINISH itself"
+    status = receiver.poll("direct")
+    assert (status.state, status.first_token_id) == (DONE, 4321)
+    assert all(torch.equal(sink.layer(i), layer_data(spec, i)) for i in range(spec.num_layers))
+
+
+@pytest.mark.parametrize("pair", ["tcp", "shm"], indirect=True)
+def test_direct_finish_to_a_receiver_that_cancelled_fails_with_its_reason(pair):
+    receiver, sender = pair
+    spec = make_spec("gone", num_tokens=16)
+    receiver.expect(spec, BlockSink(spec), deadline())
+    handle = sender.open(receiver.address(), spec, deadline())
+    for i in range(spec.num_layers):
+        handle.send_layer(i, layer_data(spec, i))
+    assert wait_for(lambda: handle._layers_sent == spec.num_layers)
+    receiver.cancel("gone")
+    handle.finish(1)
+    assert handle.wait(10) == FAILED and "cancel" in handle.error
+
+
+@pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)
 def test_layers_out_of_order_counted_as_they_land(pair):
     receiver, sender = pair
     spec = make_spec(num_tokens=40)

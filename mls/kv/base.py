@@ -22,7 +22,9 @@ memory.
 from __future__ import annotations
 
 import abc
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import IntEnum
 from typing import Protocol
@@ -131,6 +133,19 @@ class KVReceiver(abc.ABC):
     @abc.abstractmethod
     def poll(self, request_id: str) -> ReceiveStatus:
         """Current state; unknown ids are FAILED with a reason."""
+
+    on_ended: Callable[[str], None] | None = None
+    """Set by the owner: called with the request id as soon as a transfer is DONE or FAILED (on
+    the receiver's thread, outside its locks), so the owner wakes at once instead of polling.
+    It must not block. A transfer that only times out (nobody connected) is seen by `poll`."""
+
+    def _notify_ended(self, request_id: str) -> None:
+        callback = self.on_ended
+        if callback is not None:
+            try:
+                callback(request_id)
+            except Exception:  # the owner's bug must not fail the transfer
+                logging.getLogger("mls.kv").exception("KV receiver on_ended callback failed")
 
     @abc.abstractmethod
     def cancel(self, request_id: str) -> None:

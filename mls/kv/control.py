@@ -158,6 +158,7 @@ class ControlReceiver(KVReceiver):
                 shutdown(t.conn)  # wakes the connection thread out of any blocking read
         with t.write_lock:
             pass
+        self._notify_ended(t.spec.request_id)
         return True
 
     @staticmethod
@@ -192,6 +193,7 @@ class ControlReceiver(KVReceiver):
         if missing:
             self.fail(t, f"sender finished with {missing} of {t.spec.num_layers} layers missing")
         else:
+            self._notify_ended(t.spec.request_id)  # the owner wakes before the ACK goes out
             conn.sendall(encode_status(True, "done"))
 
     def _check_header(self, header: dict) -> None:

@@ -22,6 +22,7 @@ import itertools
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,7 @@ _NEXT_ID = itertools.count(1)
 @dataclass(eq=False)
 class _LocalTransfer(Transfer):
     done: threading.Event = field(default_factory=threading.Event)
+    notify: Callable[[str], None] | None = None
 
     def end(self, state, reason: str | None = None, first_token_id: int | None = None) -> bool:
         with self.write_lock:  # waits out a copy in progress on another thread
@@ -46,6 +48,8 @@ class _LocalTransfer(Transfer):
             self.state, self.error, self.first_token_id = state, reason, first_token_id
             self.ended_at_s = time.monotonic()
         self.done.set()
+        if self.notify is not None:
+            self.notify(self.spec.request_id)
         return True
 
     def expire(self, deadline_s: float) -> None:
@@ -75,7 +79,8 @@ class LocalReceiver(KVReceiver):
                 raise ValueError(f"request {spec.request_id!r} is already expected")
             now = time.monotonic()
             self._transfers[spec.request_id] = _LocalTransfer(spec, sink, deadline_s, now,
-                                                              transfer_window_s=transfer_window_s)
+                                                              transfer_window_s=transfer_window_s,
+                                                              notify=self._notify_ended)
             for rid, t in list(self._transfers.items()):  # bounded even if callers never cancel
                 t.expire(t.deadline_s)
                 if t.ended_at_s is not None and now - t.ended_at_s > self._retain_finished_s:

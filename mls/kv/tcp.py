@@ -74,6 +74,7 @@ class TCPReceiver(ControlReceiver):
 
 class TCPSendHandle(ControlSendHandle):
     magic = MAGIC
+    _direct_finish = True  # a layer is on the wire (or in the segment) when _send_layer returns
 
     def _send_layer(self, sock: socket.socket, layer: int, kv: torch.Tensor) -> None:
         data = tensor_bytes(kv if kv.device.type == "cpu" else kv.cpu())
