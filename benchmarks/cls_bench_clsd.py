@@ -7,12 +7,15 @@ served from this process's asyncio loop together with the client.
   ~100 prompt token ids and max_tokens=1, so the first token comes back in the Prefill reply and
   no step clock is waited for. Client-side time from send to the first token through clsd
   (SDK: AsyncClsClient; three gRPC hops: client->clsd, clsd->AddDecode, clsd->Prefill), against
-  a baseline in the same run at the same rates: the raw stub calling a fake's Prefill directly
-  (one hop). Reported: p50/p99/mean, clsd minus direct, the achieved send rate and late sends
-  (started > 2 ms after their scheduled time), and the CPU use of clsd and of this process.
-  Target: clsd adds under 2 ms p99 at 500 requests/s.
+  two baselines in the same run at the same rates: `direct`, the raw stub calling a fake's
+  Prefill (one hop), and `thin`, the same SDK client through benchmarks/thin_front.py, a front
+  process that only forwards each request as one Prefill (two hops: the floor of any Python gRPC
+  front on this host). Reported: p50/p99/mean, each front minus direct and clsd minus thin, the
+  achieved send rate and late sends (started > 2 ms after their scheduled time), and the CPU use
+  of the front and of this process. Target: clsd adds under 2 ms p99 at 500 requests/s.
 - Token streams: C concurrent streams (closed loop) of max_tokens tokens on the fakes' step
   clock; tokens/s delivered to the clients through clsd against the tokens/s the fakes emitted.
+The load side (processes, CPU meters, open-loop load, statistics) is benchmarks/clsd_load.py.
 """
 
 from __future__ import annotations
@@ -20,166 +23,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import grpc
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from clsd_load import (  # noqa: E402
+    ClsdProcess,
+    CpuMeter,
+    ThinFrontProcess,
+    open_loop,
+    percentile,
+)
+
+__all__ = ["bench_clsd", "percentile"]
 
 
-def percentile(sorted_values: list[int], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
-
-
-
-class ClsdProcess:
-    """A real clsd (`python -m cls.clsd`) on a free loopback port, its READY line read; optionally
-    under cProfile (the profile is written when it exits after SIGTERM)."""
-
-    def __init__(self, tmp: Path, max_inflight: int, profile: str | None = None):
-        token = tmp / "admin-token"
-        token.write_text(ADMIN_TOKEN + "\n")
-        self.token_file = str(token)
-        config = {"model": str(REPO / "models" / "SmolLM2-135M-Instruct"), "host": "127.0.0.1",
-                  "grpc_port": 0, "metrics_port": None, "admin_token_file": self.token_file,
-                  "lease_ttl_s": 5, "heartbeat_interval_s": 1, "drain_timeout_s": 10,
-                  "limits": {"max_inflight_requests": max_inflight}}
-        self.config_path = tmp / "clsd.yaml"
-        self.config_path.write_text(json.dumps(config))  # JSON is YAML
-        self.log_path = tmp / "clsd.log"
-        self.profile = profile
-        self.proc: subprocess.Popen | None = None
-        self.address = ""
-
-    def start(self, timeout_s: float = 60.0) -> ClsdProcess:
-        prof = ["-m", "cProfile", "-o", self.profile] if self.profile else []
-        self._log = open(self.log_path, "w")
-        cmd = [sys.executable, *prof, "-m", "cls.clsd", "--config", str(self.config_path)]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout_s)
-        if not line or not line[0].startswith("{"):
-            raise RuntimeError(f"clsd did not become ready:\n{self.log()[-3000:]}")
-        self.address = f"127.0.0.1:{json.loads(line[0])['grpc_port']}"
-        return self
-
-    def cpu_s(self, main_thread: bool = False) -> float:
-        """User + system CPU seconds of the clsd process (or of its main thread: the event loop,
-        where all Python runs; gRPC's core threads are the rest) so far."""
-        pid = self.proc.pid
-        path = f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
-        with open(path) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                return self.proc.wait(10)
-        finally:
-            self._log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-
-ADMIN_TOKEN = "bench-admin-token"
-
-
-class CpuMeter:
-    """CPU use (fraction of one core) of clsd and of this process over a phase."""
-
-    def __init__(self, clsd: ClsdProcess):
-        self.clsd = clsd
-
-    def __enter__(self) -> CpuMeter:
-        self.t0, self.c0, self.b0 = time.perf_counter(), self.clsd.cpu_s(), time.process_time()
-        self.m0 = self.clsd.cpu_s(main_thread=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall = time.perf_counter() - self.t0
-        self.clsd_cpu_s = self.clsd.cpu_s() - self.c0
-        self.clsd_cpu = self.clsd_cpu_s / self.wall
-        self.bench_cpu = (time.process_time() - self.b0) / self.wall
-        self.clsd_main_cpu = (self.clsd.cpu_s(main_thread=True) - self.m0) / self.wall
-
-
-def lat_stats(values_s: list[float]) -> dict:
-    v = sorted(values_s)
-    if not v:
-        return {"p50_ms": None, "p99_ms": None, "mean_ms": None, "max_ms": None}
-    return {"p50_ms": percentile(v, 0.50) * 1e3, "p99_ms": percentile(v, 0.99) * 1e3,
-            "mean_ms": sum(v) / len(v) * 1e3, "max_ms": v[-1] * 1e3}
-
-
-def arrivals(rate: float, n: int, poisson: bool, rng: random.Random) -> list[float]:
-    t, out = 0.0, []
-    for _ in range(n):
-        t += rng.expovariate(rate) if poisson else 1.0 / rate
-        out.append(t)
-    return out
-
-
-async def open_loop(send, rate: float, n: int, poisson: bool, seed: int) -> dict:
-    """Sends `n` requests at `rate` per second (scheduled in advance, not waiting for replies);
-    `send(i)` returns (first token s, end s) measured from its own start. A send is late when it
-    starts more than LATE_S after its scheduled time (the generator or the loop fell behind)."""
-
-    due = arrivals(rate, n, poisson, random.Random(seed))
-    first, end, lag = [], [], []
-    errors: list[str] = []
-
-    async def one(i: int, t0: float) -> None:
-        lag.append(time.perf_counter() - t0 - due[i])
-        try:
-            f, e = await send(i)
-            first.append(f)
-            end.append(e)
-        except Exception as exc:  # noqa: BLE001 - counted and reported
-            errors.append(f"{type(exc).__name__}: {exc}")
-
-    tasks = []
-    t0 = time.perf_counter()
-    for i in range(n):
-        wait = t0 + due[i] - time.perf_counter()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        tasks.append(asyncio.create_task(one(i, t0)))
-    send_s = time.perf_counter() - t0
-    await asyncio.gather(*tasks)
-    lag.sort()
-    return {"rate_target": rate, "requests": n, "ok": len(first), "errors": len(errors),
-            "first_error": errors[0] if errors else "",
-            "achieved_rate": n / send_s if send_s > 0 else 0.0,
-            "late_sends": sum(1 for x in lag if x > LATE_S),
-            "send_lag_p99_ms": percentile(lag, 0.99) * 1e3, "send_lag_max_ms": lag[-1] * 1e3,
-            "first_token": lat_stats(first), "end": lat_stats(end)}
-
-
-LATE_S = 0.002
-
-
-async def clsd_bench(args: argparse.Namespace, clsd: ClsdProcess) -> dict:
+async def clsd_bench(args: argparse.Namespace, clsd: ClsdProcess, thin: ThinFrontProcess) -> dict:
 
     from benchmarks.fake_machine import FakeMachine
     from cls.client import AsyncClsClient
@@ -189,6 +54,7 @@ async def clsd_bench(args: argparse.Namespace, clsd: ClsdProcess) -> dict:
     fakes: list[FakeMachine] = []
     channels = []
     client = AsyncClsClient(clsd.address, admin_token_file=clsd.token_file)
+    thin_client = None
     try:
         for i in range(args.prompt_machines):
             fakes.append(await FakeMachine(f"fake-p{i}", mpb.PROMPT, clsd.address, args.step_s).start())
@@ -204,14 +70,17 @@ async def clsd_bench(args: argparse.Namespace, clsd: ClsdProcess) -> dict:
         for f in prompt_fakes:
             channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{f.port}"))
         direct_stubs = [mlsd_pb2_grpc.MachineServiceStub(ch) for ch in channels]
+        thin.cmd += [f"127.0.0.1:{f.port}" for f in prompt_fakes]
+        await asyncio.to_thread(thin.start)
+        thin_client = AsyncClsClient(thin.address)
         rng = random.Random(args.seed)
         prompt = [rng.randrange(100, 40_000) for _ in range(args.prompt_tokens)]
         seq = iter(range(10**9))
 
-        async def via_clsd(i: int) -> tuple[float, float]:
+        async def through(front_client, i: int) -> tuple[float, float]:
             t0 = time.perf_counter()
             first = None
-            stream = client.generate_stream(prompt, max_tokens=1, ignore_eos=True)
+            stream = front_client.generate_stream(prompt, max_tokens=1, ignore_eos=True)
             async for d in stream:  # read to the end: leaving early would cancel (and abort)
                 if first is None and d.token_ids:
                     first = time.perf_counter() - t0
@@ -219,6 +88,12 @@ async def clsd_bench(args: argparse.Namespace, clsd: ClsdProcess) -> dict:
             if stream.completion().finish_reason != "length" or first is None:
                 raise RuntimeError("no token or wrong finish reason")
             return first, end
+
+        async def via_clsd(i: int) -> tuple[float, float]:
+            return await through(client, i)
+
+        async def via_thin(i: int) -> tuple[float, float]:
+            return await through(thin_client, i)
 
         async def direct(i: int) -> tuple[float, float]:
             t0 = time.perf_counter()
@@ -235,7 +110,7 @@ async def clsd_bench(args: argparse.Namespace, clsd: ClsdProcess) -> dict:
 
         poisson = args.arrivals == "poisson"
         # warm-up: channels connected, code paths hot (not recorded)
-        for send in (direct, via_clsd):
+        for send in (direct, via_thin, via_clsd):
             await open_loop(send, 100, 100, poisson, args.seed)
         await settle()
 
@@ -243,27 +118,31 @@ async def clsd_bench(args: argparse.Namespace, clsd: ClsdProcess) -> dict:
         print(f"clsd added latency: {len(prompt_fakes)} prompt + {len(token_fakes)} token fake machines "
               f"(step {args.step_s * 1e3:g} ms), prompts of {args.prompt_tokens} token ids, max_tokens=1, "
               f"{args.arrivals} arrivals, {args.duration_s:g} s per rate; client: cls.client.AsyncClsClient "
-              f"(clsd) / raw MachineServiceStub.Prefill (direct), one asyncio loop with the fakes")
+              f"(clsd, thin front) / raw MachineServiceStub.Prefill (direct), one asyncio loop with fakes")
         print(LAT_HEADER)
         for rate in args.rates:
             n = max(1, int(rate * args.duration_s))
             row = {"rate": rate}
-            for name, send in (("direct", direct), ("clsd", via_clsd)):
-                with CpuMeter(clsd) as cpu:
+            for name, send, front in (("direct", direct, clsd), ("thin", via_thin, thin),
+                                      ("clsd", via_clsd, clsd)):
+                with CpuMeter(front) as cpu:
                     r = await open_loop(send, rate, n, poisson, args.seed + int(rate))
                 r["clsd_cpu"], r["clsd_main_thread_cpu"], r["bench_cpu"] = \
                     cpu.clsd_cpu, cpu.clsd_main_cpu, cpu.bench_cpu
                 r["clsd_cpu_ms_per_request"] = cpu.clsd_cpu_s / n * 1e3
                 row[name] = r
                 await settle()
-            d, c = row["direct"]["first_token"], row["clsd"]["first_token"]
-            if c["p50_ms"] is None or d["p50_ms"] is None:
-                raise RuntimeError(f"every request failed at {rate:g}/s: "
-                                   f"{row['clsd']['first_error'] or row['direct']['first_error']}")
-            row["added_p50_ms"] = c["p50_ms"] - d["p50_ms"]
-            row["added_p99_ms"] = c["p99_ms"] - d["p99_ms"]
-            row["added_mean_ms"] = c["mean_ms"] - d["mean_ms"]
+            d, t, c = (row[k]["first_token"] for k in ("direct", "thin", "clsd"))
+            for name in ("direct", "thin", "clsd"):
+                if row[name]["first_token"]["p50_ms"] is None:
+                    raise RuntimeError(f"every request failed at {rate:g}/s ({name}): "
+                                       f"{row[name]['first_error']}")
+            for stat in ("p50", "p99", "mean"):
+                row[f"added_{stat}_ms"] = c[f"{stat}_ms"] - d[f"{stat}_ms"]
+                row[f"thin_added_{stat}_ms"] = t[f"{stat}_ms"] - d[f"{stat}_ms"]
+                row[f"clsd_over_thin_{stat}_ms"] = c[f"{stat}_ms"] - t[f"{stat}_ms"]
             row["p99_ratio"] = c["p99_ms"] / d["p99_ms"]
+            row["clsd_over_thin_p99_ratio"] = c["p99_ms"] / t["p99_ms"]
             row["added_p99_under_2_ms"] = row["added_p99_ms"] < 2.0
             latency.append(row)
             print_lat_row(row)
@@ -280,11 +159,15 @@ async def clsd_bench(args: argparse.Namespace, clsd: ClsdProcess) -> dict:
             streams.append(row)
             print_stream_row(row)
             await settle()
-        return {"client": "cls.client.AsyncClsClient for clsd; raw MachineServiceStub for direct Prefill",
+        return {"client": "cls.client.AsyncClsClient for clsd and the thin front; raw MachineServiceStub "
+                          "for direct Prefill",
                 "fakes": {"prompt": len(prompt_fakes), "token": len(token_fakes)},
                 "latency": latency, "streams": streams}
     finally:
         await client.close()
+        if thin_client is not None:
+            await thin_client.close()
+        await asyncio.to_thread(thin.stop)
         for ch in channels:
             await ch.close()
         # clsd first (its drain finds nothing in flight), then the machines it was watching
@@ -362,15 +245,18 @@ async def stream_phase(client, prompt, token_fakes, concurrency: int, args, clsd
 
 
 LAT_HEADER = (f"{'rate/s':>6} {'path':>6} {'achieved/s':>10} {'late':>5} {'p50 ms':>7} {'p99 ms':>7} "
-              f"{'mean ms':>7} {'errors':>6} {'clsd cpu(main)':>11} {'bench cpu':>9}   "
-              f"{'added p50/p99/mean ms':>22}")
+              f"{'mean ms':>7} {'errors':>6} {'front cpu(main)':>11} {'bench cpu':>9}   "
+              f"{'added p50/p99/mean ms':>22}   {'clsd - thin p50/p99 ms':>22}")
 
 
 def print_lat_row(row: dict) -> None:
-    for name in ("direct", "clsd"):
+    for name in ("direct", "thin", "clsd"):
         r, ft = row[name], row[name]["first_token"]
-        extra = (f"   {row['added_p50_ms']:>6.2f} {row['added_p99_ms']:>6.2f} {row['added_mean_ms']:>6.2f}"
-                 if name == "clsd" else "")
+        pre = {"direct": None, "thin": "thin_added", "clsd": "added"}[name]
+        extra = (f"   {row[pre + '_p50_ms']:>6.2f} {row[pre + '_p99_ms']:>6.2f} {row[pre + '_mean_ms']:>6.2f}"
+                 if pre else "")
+        if name == "clsd":
+            extra += f"   {row['clsd_over_thin_p50_ms']:>10.2f} {row['clsd_over_thin_p99_ms']:>6.2f}"
         print(f"{row['rate']:>6g} {name:>6} {r['achieved_rate']:>10.1f} {r['late_sends']:>5} "
               f"{ft['p50_ms']:>7.2f} {ft['p99_ms']:>7.2f} {ft['mean_ms']:>7.2f} {r['errors']:>6} "
               f"{r['clsd_cpu']:>5.0%}({r['clsd_main_thread_cpu']:>4.0%}) {r['bench_cpu']:>9.0%}{extra}",
@@ -397,11 +283,14 @@ def bench_clsd(args: argparse.Namespace) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="cls_bench-") as tmp:
         clsd = ClsdProcess(Path(tmp), args.max_inflight, args.profile_clsd)
+        thin = ThinFrontProcess(Path(tmp), [])  # the prompt fakes' addresses are added once up
         try:
             clsd.start()
-            return asyncio.run(clsd_bench(args, clsd))
+            return asyncio.run(clsd_bench(args, clsd, thin))
         except BaseException:
-            print(f"clsd log (tail):\n{clsd.log()[-2000:]}", file=sys.stderr)
+            for p in (clsd, thin):
+                print(f"{p.name} log (tail):\n{p.log()[-2000:]}", file=sys.stderr)
             raise
         finally:
             clsd.stop()  # idempotent; the normal path stopped it already
+            thin.stop()
