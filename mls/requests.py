@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from engine.sequence import Sequence
@@ -61,3 +61,15 @@ class MlsRequest:
     @property
     def request_id(self) -> str:
         return self.seq.request_id
+
+
+def resolve(fut: Future, result=None, error: BaseException | None = None) -> None:
+    """Completes `fut` unless it is already done: a caller that went away (its gRPC call was
+    cancelled) cancels the future, and that must never kill the worker thread."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass

@@ -28,18 +28,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 
 from engine.engine import Engine
-from engine.kv_cache import KVCacheExhausted
 from engine.sequence import InvalidRequestError, SamplingParams, SeqStatus
 from mls.config import MlsConfig
-from mls.kv.base import KVReceiver, KVSender, TransferState
-from mls.kv.sink import EngineSink, kv_spec_for
+from mls.kv.base import KVReceiver, KVSender
 from mls.metrics import MlsMetrics
 from mls.policy import BlockBudget, Job, MixedScheduler, PromptScheduler, QueueFull, TokenScheduler
-from mls.policy.mixed import PromptChunk
-from mls.requests import Aborted, BadRequest, Failed, MlsRequest, Overloaded, PrefillResult
+from mls.requests import Aborted, BadRequest, Failed, MlsRequest, Overloaded, resolve
+from mls.worker_mixed import ColocatedWork
+from mls.worker_prompt import PromptWork
+from mls.worker_token import TokenWork
 
 log = logging.getLogger("mlsd.worker")
 
@@ -50,7 +50,7 @@ EmitFn = Callable[[list[tuple], list[tuple]], None]
 POLL_S = 0.02  # how often an idle turn looks at transfers in flight (deadlines, finished sends)
 
 
-class EngineWorker:
+class EngineWorker(PromptWork, TokenWork, ColocatedWork):
     def __init__(self, engine: Engine, cfg: MlsConfig, emit: EmitFn, metrics: MlsMetrics,
                  receiver: KVReceiver, sender: KVSender):
         self.engine, self.cfg = engine, cfg
@@ -108,9 +108,9 @@ class EngineWorker:
 
         def run() -> None:
             try:
-                _resolve(fut, fn(*args))
+                resolve(fut, fn(*args))
             except Exception as e:  # noqa: BLE001 - every error goes back to the caller
-                _resolve(fut, error=e)
+                resolve(fut, error=e)
 
         with self._cv:
             self._cmds.append(run)
@@ -143,7 +143,8 @@ class EngineWorker:
             for cmd in cmds:
                 cmd()
             try:
-                self._poll_transfers()  # KV arrived (joins the decode batch) or failed; sends done
+                self._poll_receives()  # KV arrived (joins the decode batch) or failed
+                self._poll_sends()
                 self._admit_decodes()  # token work: reserve blocks FCFS; the KV may start to arrive
                 self._prompt_step()  # prompt work: one batch; its KV leaves, its blocks come back
                 if self.mixed_policy.chunked:  # colocated work: decodes + prompt chunks, one step
@@ -212,7 +213,7 @@ class EngineWorker:
         if kind == "decode":
             self._admit_decodes()
             if request_id not in self._receiving and result is not None:
-                _resolve(result, False)  # queued for memory; RESERVED follows on the stream
+                resolve(result, False)  # queued for memory; RESERVED follows on the stream
 
     def _abort(self, request_id: str) -> bool:
         req = self.requests.pop(request_id, None) or self._sending.pop(request_id, None)
@@ -222,7 +223,7 @@ class EngineWorker:
             req.handle.abort("aborted by the cluster scheduler")
         self._drop(req)
         if req.future is not None:
-            _resolve(req.future, error=Aborted(f"request {request_id!r} aborted"))
+            resolve(req.future, error=Aborted(f"request {request_id!r} aborted"))
         self._events.append((request_id, "ABORTED", "", "", len(req.seq.output_token_ids)))
         return True
 
@@ -237,152 +238,6 @@ class EngineWorker:
         if self._receiving.pop(rid, None) is not None and self.receiver is not None:
             self.receiver.cancel(rid)
         self.engine.abort(req.seq)
-
-    # -- prompt work (Prefill) ----------------------------------------------------------------
-
-    def _prompt_step(self) -> None:
-        batch = self.prompt_policy.schedule(self.engine.num_free_blocks, self.engine.kv.block_size)
-        if batch is None:
-            return
-        reqs = [self.requests.pop(j.request_id) for j in batch.jobs]
-        for r in reqs:
-            r.handle = self.sender.open(r.kv_address, kv_spec_for(self.engine, r.seq),
-                                        time.monotonic() + r.timeout_s)
-            r.layerwise = r.seq.prompt_len >= self.cfg.kv_transfer.layerwise_min_prompt_tokens
-            self._sending[r.request_id] = r
-        by_id = {r.request_id: r for r in reqs}
-
-        def export(layer: int, items) -> None:
-            for seq, kv in items:
-                r = by_id[seq.request_id]
-                if r.layerwise:
-                    r.handle.send_layer(layer, kv)
-                else:
-                    r.buffered.append((layer, kv))
-
-        tokens = self._run_prefill(reqs, hook=export)
-        for r, tok in zip(reqs, tokens):
-            for layer, kv in r.buffered:
-                r.handle.send_layer(layer, kv)
-            r.buffered.clear()
-            r.handle.finish(tok)
-            self.engine.free(r.seq)  # the KV now lives in the sender's queue and on the wire
-            now = time.monotonic()
-            _resolve(r.future, PrefillResult(tok, "layerwise" if r.layerwise else "serialized",
-                                              queue_s=r.prefill_start_s - r.arrival_s,
-                                              prefill_s=now - r.prefill_start_s))
-
-    def _run_prefill(self, reqs: list[MlsRequest], hook) -> list[int]:
-        start = time.monotonic()
-        for r in reqs:
-            r.prefill_start_s = start
-        tokens = self.engine.prefill([r.seq for r in reqs], kv_export=hook)
-        self.metrics.prefill_step.observe(time.monotonic() - start)
-        self.metrics.batch_tokens.labels("prefill").observe(sum(r.seq.prompt_len for r in reqs))
-        return tokens
-
-    # -- colocated work (Generate) ------------------------------------------------------------
-
-    def _local_prefill(self, reqs: list[MlsRequest]) -> None:
-        ok = []
-        for r in reqs:
-            try:
-                self.engine.reserve(r.seq)
-            except KVCacheExhausted as e:  # the budget mirrors the pool: this is a bug
-                self._fail(r, f"KV reservation failed: {e}")
-                continue
-            ok.append(r)
-        if ok:
-            self._run_prefill(ok, hook=None)
-            self._after_tokens(ok, [0] * len(ok))
-
-    def _mixed_step(self, decoding: list[MlsRequest], chunks: list[PromptChunk]) -> None:
-        """Chunked prefill: every decode and the plan's prompt chunks in ONE engine step. A
-        request's blocks (prompt + max_tokens) are reserved with its first chunk, as the policy
-        took them from the budget; its first token comes with its last chunk."""
-        now = time.monotonic()
-        work: list[tuple[MlsRequest, int]] = []
-        for c in chunks:
-            r = self.requests[c.job.request_id]
-            if c.start == 0:
-                try:
-                    self.engine.reserve(r.seq)
-                except KVCacheExhausted as e:  # the budget mirrors the pool: this is a bug
-                    self._fail(r, f"KV reservation failed: {e}")
-                    continue
-                r.prefill_start_s = now
-            work.append((r, c.num_tokens))
-        if not decoding and not work:
-            return
-        out = self.engine.step([r.seq for r in decoding], [(r.seq, n) for r, n in work],
-                               max_num_tokens=self.cfg.scheduler.max_num_batched_tokens)
-        elapsed_s = time.monotonic() - now
-        # The step's latency is what its decodes see as TBT and what its chunks add to TTFT.
-        num_chunk_tokens = sum(n for _, n in work)
-        if decoding:
-            self.metrics.decode_step.observe(elapsed_s)
-            self.metrics.batch_tokens.labels("decode").observe(len(decoding))
-        if work:
-            self.metrics.prefill_step.observe(elapsed_s)
-            self.metrics.batch_tokens.labels("prefill").observe(num_chunk_tokens)
-        self.metrics.batch_tokens.labels("mixed").observe(len(decoding) + num_chunk_tokens)
-        self._after_tokens(decoding, [len(r.seq.output_token_ids) - 1 for r in decoding])
-        first = [r for (r, _), tok in zip(work, out[len(decoding):]) if tok is not None]
-        self._after_tokens(first, [0] * len(first))
-
-    # -- token work (AddDecode) ---------------------------------------------------------------
-
-    def _admit_decodes(self) -> None:
-        plan = self.token_policy.schedule()
-        for job in plan.admitted:
-            r = self.requests[job.request_id]
-            try:
-                self.engine.reserve(r.seq)
-            except KVCacheExhausted as e:  # the policy mirrors the pool: this is a bug
-                self._fail(r, f"KV reservation failed: {e}")
-                continue
-            # Start window: the prefill may queue on the prompt machine first; transfer window:
-            # from the sender's first contact to the last layer.
-            self.receiver.expect(kv_spec_for(self.engine, r.seq), EngineSink(self.engine, r.seq),
-                                 time.monotonic() + self.cfg.kv_transfer.start_timeout_s,
-                                 transfer_window_s=r.timeout_s)
-            self._receiving[r.request_id] = r
-            r.transfer_start_s = time.monotonic()
-            self._events.append((r.request_id, "RESERVED", "", "", 0))
-            if r.future is not None:
-                _resolve(r.future, True)
-
-    def _poll_transfers(self) -> None:
-        for rid, r in list(self._receiving.items()):
-            st = self.receiver.poll(rid)
-            if st.state == TransferState.DONE:
-                del self._receiving[rid]
-                self.receiver.cancel(rid)  # forget the finished transfer (no-op on its bytes)
-                self.metrics.transfer_s.observe(time.monotonic() - r.transfer_start_s)
-                self.metrics.kv_bytes.inc(r.seq.prompt_len * self.engine.model_config.kv_bytes_per_token(
-                    self.engine.kv.tensor.element_size()))
-                self.engine.finish_import(r.seq, st.first_token_id)
-                self.token_policy.kv_ready(rid)
-                self._after_tokens([r], [], publish=False)
-            elif st.state == TransferState.FAILED:
-                self.metrics.failed_transfers.inc()
-                self._fail(r, f"KV transfer failed: {st.error}")
-        for rid, r in list(self._sending.items()):  # prompt side: forget finished sends
-            state = r.handle.wait(0)
-            if state in (TransferState.DONE, TransferState.FAILED):
-                del self._sending[rid]
-                if state == TransferState.FAILED:
-                    self.metrics.failed_transfers.inc()
-                    log.warning("KV send of %s failed: %s", rid, r.handle.error)
-
-    def _decode_step(self, reqs: list[MlsRequest]) -> None:
-        if not reqs:
-            return
-        start = time.monotonic()
-        self.engine.decode([r.seq for r in reqs])
-        self.metrics.decode_step.observe(time.monotonic() - start)
-        self.metrics.batch_tokens.labels("decode").observe(len(reqs))
-        self._after_tokens(reqs, [len(r.seq.output_token_ids) - 1 for r in reqs])
 
     def _after_tokens(self, reqs: list[MlsRequest], indices: list[int], publish: bool = True) -> None:
         """Publishes each request's newest token (at `indices`) and retires finished ones."""
@@ -404,7 +259,7 @@ class EngineWorker:
         self._drop(req)
         req.seq.status, req.seq.error = SeqStatus.FINISHED_ERROR, message
         if req.future is not None:
-            _resolve(req.future, error=Failed(message))
+            resolve(req.future, error=Failed(message))
         self._events.append((req.request_id, "FAILED", "", message, len(req.seq.output_token_ids)))
         log.warning("request %s failed: %s", req.request_id, message)
 
@@ -434,22 +289,10 @@ class EngineWorker:
         )
 
 
-def _resolve(fut: Future, result=None, error: BaseException | None = None) -> None:
-    """Completes `fut` unless it is already done: a caller that went away (its gRPC call was
-    cancelled) cancels the future, and that must never kill the worker thread."""
-    try:
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result)
-    except InvalidStateError:
-        pass
-
-
 def _chain(accepted: Future, result: Future) -> Future:
     """A future that fails if the command failed, else follows `result`."""
     def on_accepted(f: Future) -> None:
         if not f.cancelled() and f.exception() is not None:
-            _resolve(result, error=f.exception())
+            resolve(result, error=f.exception())
     accepted.add_done_callback(on_accepted)
     return result
