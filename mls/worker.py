@@ -20,6 +20,12 @@ cluster scheduler may lend it to another pool at run time. Life cycle of a reque
    Token and mixed reservations share one BlockBudget (one KV pool per machine); a prompt batch
    uses the engine's actual free blocks, since its blocks are freed in the same turn.
 6. Each turn ends by publishing the turn's tokens and events as one message (`emit`).
+7. An idle worker sleeps on its condition variable; a command or a received transfer ending
+   (the receiver's `on_ended`) wakes it at once.
+
+Each path's steps are in their own file, mixed into EngineWorker: mls/worker_prompt.py (2),
+mls/worker_token.py (3), mls/worker_mixed.py (4); this file holds the loop, the commands and
+what every path shares (adding, aborting, failing, publishing).
 """
 
 from __future__ import annotations
