@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--prompt-machines", type=int, default=2)
     g.add_argument("--token-machines", type=int, default=2)
     g.add_argument("--step-s", type=float, default=0.005, help="fake decode step in the latency runs")
-    g.add_argument("--streams", default="64,256", help="concurrent token streams, comma-separated")
+    g.add_argument("--streams", default="64,256",
+                   help="concurrent token streams, comma-separated ('' for none)")
     g.add_argument("--stream-tokens", type=int, default=256, help="max_tokens of each stream")
     g.add_argument("--stream-step-s", type=float, default=0.002, help="fake decode step in the stream runs")
     g.add_argument("--stream-duration-s", type=float, default=8.0)
@@ -198,8 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.machines.split(",")]
     if any(n < 2 for n in sizes) or args.decisions < 1 or args.linear_decisions < 1:
         ap.error("--machines must be >= 2 each, --decisions and --linear-decisions >= 1")
-    args.rates = [float(r) for r in str(args.rates).split(",")]
-    args.streams = [int(c) for c in str(args.streams).split(",")]
+    try:
+        args.rates = [float(r) for r in str(args.rates).split(",")]
+        args.streams = [int(c) for c in str(args.streams).split(",") if c.strip()]  # "": none
+    except ValueError as e:
+        ap.error(f"--rates and --streams are comma-separated numbers: {e}")
     if any(r <= 0 for r in args.rates) or any(c < 1 for c in args.streams) or args.duration_s <= 0 \
             or args.prompt_machines < 1 or args.token_machines < 1 or args.stream_tokens < 2 \
             or args.prompt_tokens < 1:

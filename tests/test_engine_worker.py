@@ -1,0 +1,89 @@
+"""The engine worker in one process: a prompt worker and a token worker on a tiny real model, KV
+over real tcp sockets. A finished transfer wakes the idle token worker itself (the receiver's
+on_ended), so the request does not wait for the worker's next look at transfers in flight."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.sequence import SamplingParams
+from mls import worker as worker_mod
+from mls.config import MlsConfig, from_dict
+from mls.kv.factory import make_endpoints
+from mls.metrics import MlsMetrics
+from mls.requests import PrefillResult
+from mls.worker import EngineWorker
+from tests.conftest import hf_greedy, make_tiny_checkpoint
+
+
+class Collector:
+    """The worker's emit: every token and event, and an Event per request that ended."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, dict[int, int]] = {}
+        self.events: list[tuple] = []
+        self.ended: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def ended_event(self, rid: str) -> threading.Event:
+        with self._lock:
+            return self.ended.setdefault(rid, threading.Event())
+
+    def __call__(self, tokens: list[tuple], events: list[tuple]) -> None:
+        for rid, index, token in tokens:
+            self.tokens.setdefault(rid, {})[index] = token
+        for e in events:
+            self.events.append(e)
+            if e[1] in ("FINISHED", "FAILED", "ABORTED"):
+                self.ended_event(e[0]).set()
+
+
+def make_worker(ckpt, role: str, emit) -> EngineWorker:
+    cfg = from_dict(MlsConfig, {"machine_id": f"w-{role}", "role": role, "metrics_port": None,
+                                "engine": {"model": str(ckpt), "dtype": "float32", "block_size": 4,
+                                           "kv_cache_bytes": 256 * 4 * 512}})
+    engine = Engine(EngineConfig(model=str(ckpt), dtype="float32", block_size=4,
+                                 kv_cache_bytes=256 * 4 * 512, skip_tokenizer_init=True))
+    receiver, sender = make_endpoints("tcp")
+    return EngineWorker(engine, cfg, emit, MlsMetrics(cfg.machine_id, role), receiver, sender)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    model = make_tiny_checkpoint(tmp_path / "tiny")
+    return tmp_path / "tiny", model
+
+
+def test_finished_transfer_wakes_the_idle_token_worker_and_tokens_match_transformers(ckpt, monkeypatch):
+    path, model = ckpt
+    # An idle worker with a transfer in flight would look again only after POLL_S: make that an
+    # hour, so the request can finish in time only if the receiver's on_ended wakes the worker.
+    monkeypatch.setattr(worker_mod, "POLL_S", 3600.0)
+    emitted = Collector()
+    prompt_w, token_w = make_worker(path, "prompt", emitted), make_worker(path, "token", emitted)
+    prompt_w.start()
+    token_w.start()
+    try:
+        prompt = [5 + (i * 7) % 200 for i in range(40)]
+        params = SamplingParams(max_tokens=6, ignore_eos=True)
+        assert token_w.add_decode("r1", prompt, params, timeout_s=30).result(10) is True
+        result = prompt_w.add_prefill("r1", prompt, params, token_w.receiver.address(),
+                                      timeout_s=30).result(30)
+        assert isinstance(result, PrefillResult)
+        assert emitted.ended_event("r1").wait(60), "the token worker did not wake for the finished KV"
+        reference = hf_greedy(model, prompt, 6)
+        assert result.first_token_id == reference[0]
+        got = emitted.tokens["r1"]
+        assert [got[i] for i in sorted(got)] == reference[1:] and sorted(got) == list(range(1, 6))
+        assert ("r1", "FINISHED", "length", "", 6) in emitted.events
+        assert token_w.engine.num_free_blocks == token_w.engine.num_blocks
+        assert prompt_w.engine.num_free_blocks == prompt_w.engine.num_blocks
+    finally:
+        for w in (prompt_w, token_w):
+            w.stop()
+            w.receiver.close()
+            w.sender.close()
