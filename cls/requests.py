@@ -171,13 +171,29 @@ class Dispatcher:
             if route.colocated:
                 await self._call(tm, "generate", mpb.GenerateRequest(request=spec))
             else:
-                reply = await self._call(tm, "add_decode", mpb.AddDecodeRequest(request=spec))
-                if not reply.reserved:
-                    async for new in self._until(a, "RESERVED"):
-                        yield new
-                req.prefill_start_s = req.prefill_start_s or time.monotonic()
-                pre = await self._call(pm, "prefill", mpb.PrefillRequest(
-                    request=spec, kv_address=tm.info.kv_address))
+                # Where the token machine has the memory (in the router's view), the prefill
+                # starts with the reservation, not one token-machine turn after it: its KV
+                # receiver holds a sender that comes first (mls/kv/control.py). Otherwise the
+                # prefill waits for RESERVED, so no prompt machine holds KV nobody can take.
+                prefill_req = mpb.PrefillRequest(request=spec, kv_address=tm.info.kv_address)
+                prefill = None
+                if route.kv_fits:
+                    req.prefill_start_s = req.prefill_start_s or time.monotonic()
+                    prefill = asyncio.ensure_future(self._call(pm, "prefill", prefill_req))
+                try:
+                    reply = await self._call(tm, "add_decode", mpb.AddDecodeRequest(request=spec))
+                    if not reply.reserved:
+                        async for new in self._until(a, "RESERVED"):
+                            yield new
+                    if prefill is None:
+                        req.prefill_start_s = req.prefill_start_s or time.monotonic()
+                        prefill = asyncio.ensure_future(self._call(pm, "prefill", prefill_req))
+                    pre = await prefill
+                finally:
+                    if prefill is not None and not prefill.done():
+                        prefill.cancel()  # the attempt ended first; _end aborts it on the machine
+                    elif prefill is not None and not prefill.cancelled():
+                        prefill.exception()  # retrieved: a failed prefill of a failed attempt
                 self._credit_prompt(a)
                 new = self._deliver(a, 0, pre.first_token_id)
                 if self._finished_already(req):

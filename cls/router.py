@@ -36,6 +36,9 @@ class Route:
     num_blocks: int
     """KV blocks charged to the token machine (prompt + max output)."""
     borrowed: list[PoolMove] = field(default_factory=list)
+    kv_fits: bool = True
+    """Whether the token machine had those blocks free in the router's view when it was chosen
+    (False: the fallback to a machine that must first free memory)."""
 
     @property
     def colocated(self) -> bool:
@@ -65,9 +68,10 @@ class Router:
         prompt_m = prompt_m or token_m  # colocated fallback: one machine runs both phases
         token_m = token_m or prompt_m
         blocks = token_m.blocks_for(prompt_len + max_tokens)
+        fits = blocks <= token_m.kv_free_blocks
         self.pools.charge_prompt(prompt_m, prompt_len)
         self.pools.charge_decode(token_m, max_tokens, blocks)
-        return Route(prompt_m.machine_id, token_m.machine_id, blocks, borrowed)
+        return Route(prompt_m.machine_id, token_m.machine_id, blocks, borrowed, fits)
 
     def _route_colocated(self, prompt_len: int, max_tokens: int, exclude) -> Route:
         num_tokens = prompt_len + max_tokens

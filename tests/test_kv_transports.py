@@ -253,9 +253,51 @@ def test_header_mismatch_rejected_naming_the_field_then_next_transfer_works(pair
 @pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)
 def test_unknown_request_rejected(pair):
     receiver, sender = pair
+    if hasattr(receiver, "_early_connect_wait_s"):
+        receiver._early_connect_wait_s = 0.3  # how long a network receiver waits for expect()
+    t0 = time.monotonic()
     handle = sender.open(receiver.address(), make_spec("nobody"), deadline())
     assert handle.wait(5) == FAILED and "not expected" in handle.error
+    if hasattr(receiver, "_early_connect_wait_s"):
+        assert time.monotonic() - t0 >= 0.3, "rejected before the early-connection wait ran out"
     assert receiver.poll("nobody").state == FAILED
+
+
+@pytest.mark.parametrize("transport", NETWORK)
+def test_a_sender_that_connects_before_expect_is_held_until_the_reservation(transport):
+    """clsd sends decode and prefill work together: the prompt machine's sender may reach the
+    token machine before its blocks are reserved; the receiver holds the connection till then."""
+    receiver, sender = make_receiver(transport, early_connect_wait_s=10.0), make_sender(transport)
+    try:
+        spec = make_spec("early", num_tokens=40)
+        handle = sender.open(receiver.address(), spec, deadline())
+        for i in range(spec.num_layers):  # layerwise: queued while the receiver holds the header
+            handle.send_layer(i, layer_data(spec, i))
+        handle.finish(99)
+        assert handle.wait(0.3) not in (DONE, FAILED)  # held, not rejected
+        sink = BlockSink(spec)
+        receiver.expect(spec, sink, deadline())
+        assert handle.wait(10) == DONE, handle.error
+        status = receiver.poll("early")
+        assert (status.state, status.first_token_id) == (DONE, 99)
+        assert all(torch.equal(sink.layer(i), layer_data(spec, i)) for i in range(spec.num_layers))
+    finally:
+        sender.close()
+        receiver.close()
+
+
+@pytest.mark.parametrize("transport", NETWORK)
+def test_closing_the_receiver_releases_a_held_early_sender(transport):
+    receiver, sender = make_receiver(transport, early_connect_wait_s=30.0), make_sender(transport)
+    try:
+        handle = sender.open(receiver.address(), make_spec("held", num_tokens=8), deadline())
+        assert handle.wait(0.3) not in (DONE, FAILED)
+        t0 = time.monotonic()
+        receiver.close()
+        assert handle.wait(5) == FAILED and time.monotonic() - t0 < 5
+    finally:
+        sender.close()
+        receiver.close()
 
 
 @pytest.mark.parametrize("pair", TRANSPORTS, indirect=True)

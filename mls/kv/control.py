@@ -5,7 +5,10 @@ Life cycle of one transfer through it (receiver R, sender S; wire format in wire
    request. S's `open()` returns a handle at once; the handle's own thread connects.
 2. S sends the preamble and header; R answers ACCEPT, or REJECT with a reason when the request is
    unknown, cancelled, already connected or past its deadline, or when the header differs (the
-   KVSpecError text names the field; a mismatching header also fails R's side at once).
+   KVSpecError text names the field; a mismatching header also fails R's side at once). A header
+   for a request R does not expect yet is held up to `early_connect_wait_s` for its `expect()`:
+   clsd sends a request's decode and prefill work at the same time, so the prompt machine may
+   connect before the token machine has reserved the blocks (which it must before any layer).
 3. S streams LAYER frames, layers in any order, then FINISH with the first token id; how a
    layer's bytes travel is the transport's part (`ControlReceiver._receive`,
    `ControlSendHandle._send_layer`).
@@ -78,8 +81,11 @@ class ControlReceiver(KVReceiver):
     magic = b"NONE"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, handshake_timeout_s: float = 5.0,
-                 max_connections: int = 256, retain_finished_s: float = 60.0):
+                 max_connections: int = 256, retain_finished_s: float = 60.0,
+                 early_connect_wait_s: float = 10.0):
         self._lock = threading.Lock()
+        self._expected = threading.Condition(self._lock)  # expect() or close() happened
+        self._early_connect_wait_s = early_connect_wait_s
         self._retain_finished_s = retain_finished_s
         self._next_prune_s = 0.0
         self._transfers: dict[str, Transfer] = {}
@@ -107,6 +113,7 @@ class ControlReceiver(KVReceiver):
             now = time.monotonic()
             self._transfers[spec.request_id] = Transfer(spec, sink, deadline_s, now,
                                                         transfer_window_s=transfer_window_s)
+            self._expected.notify_all()  # a sender that connected early may be waiting for it
             if now >= self._next_prune_s:  # the registry stays bounded if callers never cancel
                 self._next_prune_s = now + min(1.0, self._retain_finished_s / 2)
                 self._prune(now)
@@ -134,6 +141,7 @@ class ControlReceiver(KVReceiver):
             self._closed = True
             transfers, conns = list(self._transfers.values()), list(self._conns)
             self._transfers.clear()
+            self._expected.notify_all()
         shutdown(self._listener)  # wakes the accept thread
         self._listener.close()
         for t in transfers:
@@ -276,8 +284,14 @@ class ControlReceiver(KVReceiver):
     def _claim(self, spec: KVSpec, conn: socket.socket) -> tuple[Transfer | None, str]:
         with self._lock:
             t = self._transfers.get(spec.request_id)
+            give_up_s = time.monotonic() + self._early_connect_wait_s
+            while t is None and not self._closed and (left := give_up_s - time.monotonic()) > 0:
+                self._expected.wait(left)  # the sender came before the reservation
+                t = self._transfers.get(spec.request_id)
             if t is None:
-                return None, f"request {spec.request_id!r} is not expected (unknown, cancelled or forgotten)"
+                waited = f" within {self._early_connect_wait_s:g} s" if self._early_connect_wait_s > 0 else ""
+                return None, (f"request {spec.request_id!r} is not expected{waited} (unknown, "
+                              "cancelled or forgotten)")
             if t.state != WAITING:
                 return None, f"request {spec.request_id!r} is already {t.state.name}"
             try:
