@@ -3,8 +3,11 @@
 1. `Dispatcher.run(req)` is an async generator the client stream reads: it yields lists of new
    tokens (each output index exactly once, in order) and returns when the request finishes.
 2. An attempt: the router picks (prompt, token) machines; clsd sends AddDecode to the token
-   machine, waits for RESERVED, then Prefill to the prompt machine naming the token machine's KV
-   address. Both (and Generate, Abort) travel as items on the machine's Work stream
+   machine and Prefill to the prompt machine (naming the token machine's KV address) in the same
+   turn when the router sees the token machine's memory free (its KV receiver holds a sender
+   that comes before the reservation); otherwise it waits for RESERVED before the Prefill, so no
+   prompt machine holds KV that cannot land. Both (and Generate, Abort) travel as items on the
+   machine's Work stream
    (cls/work_stream.py), each with the `rpc_timeout_s` deadline. The first token comes back in
    the Prefill reply, the rest on the token machine's event stream (`on_events`). A colocated
    attempt is one Generate on one machine.

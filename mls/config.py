@@ -78,6 +78,9 @@ class KVTransferSection:
     start_timeout_s: float = 120.0
     """Start window on the token machine: from the KV reservation to the sender's first contact
     (covers the prefill's queueing on the prompt machine)."""
+    early_connect_wait_s: float = 10.0
+    """How long the receiver holds a sender that arrives before the request's reservation (clsd
+    sends the prefill together with the decode work) before refusing it as unknown; tcp/ucx/shm."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,9 @@ class MlsConfig:
                            ("drain_timeout_s", self.drain_timeout_s)):
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
+        if self.kv_transfer.early_connect_wait_s < 0:
+            raise ConfigError("kv_transfer.early_connect_wait_s must be >= 0, got "
+                              f"{self.kv_transfer.early_connect_wait_s}")
         for key, value in (("cls_address", self.cls_address),
                            ("advertise_address", self.advertise_address)):
             host, sep, port = (value or "").rpartition(":")

@@ -66,7 +66,8 @@ async def serve(cfg: MlsConfig) -> int:
     t0 = time.monotonic()
     engine = build_engine(cfg)
     kt = cfg.kv_transfer
-    receiver, sender = make_endpoints(kt.transport, host=kt.host, port=kt.port)
+    receiver, sender = make_endpoints(kt.transport, host=kt.host, port=kt.port,
+                                      early_connect_wait_s=kt.early_connect_wait_s)
     kv_address = receiver.address()
     metrics = MlsMetrics(cfg.machine_id, cfg.role)
     metrics_port = None

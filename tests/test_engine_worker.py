@@ -87,3 +87,18 @@ def test_finished_transfer_wakes_the_idle_token_worker_and_tokens_match_transfor
             w.stop()
             w.receiver.close()
             w.sender.close()
+
+
+def test_early_connect_wait_is_configurable_and_checked():
+    from mls.config import ConfigError
+
+    base = {"machine_id": "m", "role": "token"}
+    with pytest.raises(ConfigError, match="kv_transfer.early_connect_wait_s must be >= 0"):
+        from_dict(MlsConfig, {**base, "kv_transfer": {"early_connect_wait_s": -1}})
+    cfg = from_dict(MlsConfig, {**base, "kv_transfer": {"early_connect_wait_s": 0.5}})
+    receiver, sender = make_endpoints("tcp", early_connect_wait_s=cfg.kv_transfer.early_connect_wait_s)
+    try:
+        assert receiver._early_connect_wait_s == 0.5
+    finally:
+        sender.close()
+        receiver.close()

@@ -114,6 +114,7 @@ def pair(demo_model_dir, tmp_path_factory):
     for cfg in (prompt_cfg, token_cfg):
         cfg["kv_transfer"]["timeout_s"] = 10.0
         cfg["kv_transfer"]["start_timeout_s"] = 20.0  # prefills queue behind each other here
+        cfg["kv_transfer"]["early_connect_wait_s"] = 1.0  # an unknown request is refused in 1 s
     prompt_m = MachineProc(tmp, "prompt", prompt_cfg).start()
     token_m = MachineProc(tmp, "token", token_cfg).start()
     yield prompt_m, token_m

@@ -21,10 +21,11 @@ def make_sender(transport: str, **opts) -> KVSender:
     return _classes(transport)[1](**opts)
 
 
-def make_endpoints(transport: str, host: str = "127.0.0.1",
-                   port: int = 0) -> tuple[KVReceiver, KVSender]:
+def make_endpoints(transport: str, host: str = "127.0.0.1", port: int = 0,
+                   early_connect_wait_s: float = 10.0) -> tuple[KVReceiver, KVSender]:
     """A machine's receiver (listening on host:port for the network transports) and sender."""
-    opts = {} if transport == "local" else {"host": host, "port": port}
+    opts = {} if transport == "local" else {"host": host, "port": port,
+                                            "early_connect_wait_s": early_connect_wait_s}
     receiver = make_receiver(transport, **opts)
     try:
         return receiver, make_sender(transport)
