@@ -287,6 +287,27 @@ def test_a_sender_that_connects_before_expect_is_held_until_the_reservation(tran
 
 
 @pytest.mark.parametrize("transport", NETWORK)
+def test_a_reservation_after_its_early_sender_was_refused_fails_at_once(transport):
+    """Had the token machine queued the request for memory past the wait, the sender is gone:
+    the reservation ends FAILED now, not at the end of its start window."""
+    receiver, sender = make_receiver(transport, early_connect_wait_s=0.2), make_sender(transport)
+    try:
+        spec = make_spec("late", num_tokens=8)
+        handle = sender.open(receiver.address(), spec, deadline())
+        assert handle.wait(5) == FAILED and "not expected within 0.2 s" in handle.error
+        receiver.expect(spec, BlockSink(spec), deadline(60))
+        status = receiver.poll("late")
+        assert status.state == FAILED and "refused" in status.error
+        other = make_spec("fresh", num_tokens=8)  # nothing else is affected
+        receiver.expect(other, BlockSink(other), deadline())
+        send_all(sender.open(receiver.address(), other, deadline()), other)
+        assert wait_for(lambda: receiver.poll("fresh").state == DONE)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+@pytest.mark.parametrize("transport", NETWORK)
 def test_closing_the_receiver_releases_a_held_early_sender(transport):
     receiver, sender = make_receiver(transport, early_connect_wait_s=30.0), make_sender(transport)
     try:

@@ -9,6 +9,8 @@ Life cycle of one transfer through it (receiver R, sender S; wire format in wire
    for a request R does not expect yet is held up to `early_connect_wait_s` for its `expect()`:
    clsd sends a request's decode and prefill work at the same time, so the prompt machine may
    connect before the token machine has reserved the blocks (which it must before any layer).
+   A sender refused that way is remembered: a later `expect()` of its request fails at once
+   (the sender will not come back), rather than at the end of the start window.
 3. S streams LAYER frames, layers in any order, then FINISH with the first token id; how a
    layer's bytes travel is the transport's part (`ControlReceiver._receive`,
    `ControlSendHandle._send_layer`).
@@ -86,6 +88,7 @@ class ControlReceiver(KVReceiver):
         self._lock = threading.Lock()
         self._expected = threading.Condition(self._lock)  # expect() or close() happened
         self._early_connect_wait_s = early_connect_wait_s
+        self._refused: dict[str, float] = {}  # request id -> when its early sender was refused
         self._retain_finished_s = retain_finished_s
         self._next_prune_s = 0.0
         self._transfers: dict[str, Transfer] = {}
@@ -111,8 +114,13 @@ class ControlReceiver(KVReceiver):
             if old is not None and old.state not in TERMINAL:
                 raise ValueError(f"request {spec.request_id!r} is already expected")
             now = time.monotonic()
-            self._transfers[spec.request_id] = Transfer(spec, sink, deadline_s, now,
-                                                        transfer_window_s=transfer_window_s)
+            t = self._transfers[spec.request_id] = Transfer(spec, sink, deadline_s, now,
+                                                            transfer_window_s=transfer_window_s)
+            refused_at = self._refused.pop(spec.request_id, None)
+            if refused_at is not None:  # poll() reports it; the caller frees the blocks
+                t.state, t.ended_at_s = FAILED, now
+                t.error = (f"its sender connected {now - refused_at:.1f} s before this reservation "
+                           f"and was refused after waiting {self._early_connect_wait_s:g} s for it")
             self._expected.notify_all()  # a sender that connected early may be waiting for it
             if now >= self._next_prune_s:  # the registry stays bounded if callers never cancel
                 self._next_prune_s = now + min(1.0, self._retain_finished_s / 2)
@@ -221,6 +229,16 @@ class ControlReceiver(KVReceiver):
             elif t.ended_at_s is not None and now - t.ended_at_s > self._retain_finished_s:
                 del self._transfers[rid]
 
+    def _remember_refused(self, request_id: str) -> None:
+        """Under the lock: bounded in size and kept `retain_finished_s`."""
+        now = time.monotonic()
+        if len(self._refused) >= 4096:
+            self._refused = {k: v for k, v in self._refused.items()
+                             if now - v < self._retain_finished_s}
+            while len(self._refused) >= 4096:
+                self._refused.pop(next(iter(self._refused)))
+        self._refused[request_id] = now
+
     def _accept_loop(self) -> None:
         while True:
             try:
@@ -289,6 +307,7 @@ class ControlReceiver(KVReceiver):
                 self._expected.wait(left)  # the sender came before the reservation
                 t = self._transfers.get(spec.request_id)
             if t is None:
+                self._remember_refused(spec.request_id)
                 waited = f" within {self._early_connect_wait_s:g} s" if self._early_connect_wait_s > 0 else ""
                 return None, (f"request {spec.request_id!r} is not expected{waited} (unknown, "
                               "cancelled or forgotten)")
