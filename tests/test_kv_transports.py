@@ -156,10 +156,9 @@ def test_finish_after_every_layer_left_is_written_by_the_caller(pair, taken, mon
     real_write = ControlSendHandle._write_now
 
     def write_now(self, frame: bytes) -> int:
-        written.append(frame)
-        if taken == 5:
-            return real_write(self, frame)
-        return real_write(self, frame[:taken]) if taken else 0
+        n = (real_write(self, frame if taken == 5 else frame[:taken])) if taken else 0
+        written.append((frame, n))
+        return n
 
     monkeypatch.setattr(ControlSendHandle, "_write_now", write_now)
     spec = make_spec("direct", num_tokens=48)
@@ -173,6 +172,7 @@ def test_finish_after_every_layer_left_is_written_by_the_caller(pair, taken, mon
     handle.finish(4321)
     assert handle.wait(10) == DONE, handle.error
     assert len(written) == 1, "finish() did not write FINISH itself"
+    assert written[0][1] == taken, "the caller's non-blocking write did not go out"
     status = receiver.poll("direct")
     assert (status.state, status.first_token_id) == (DONE, 4321)
     assert all(torch.equal(sink.layer(i), layer_data(spec, i)) for i in range(spec.num_layers))

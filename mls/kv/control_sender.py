@@ -9,14 +9,16 @@ deadline. Every wait is bounded by the transfer's deadline.
 The FINISH frame is the one message left after a layerwise prefill, so it is what the token
 machine waits on: when every layer has already left (and the transport says a sent layer is a
 delivered one, `_direct_finish`), `finish()` writes those 5 bytes itself, without blocking
-(MSG_DONTWAIT), rather than waking the handle's thread for them. Waking a thread costs 0.1-0.3 ms
-on a busy 2-core host, and the caller (mlsd's engine thread) keeps the GIL for its next turn.
+(a write to the non-blocking descriptor), rather than waking the handle's thread for them.
+Waking a thread costs 0.1-0.3 ms on a busy 2-core host, and the caller (mlsd's engine thread)
+keeps the GIL for its next turn.
 Anything the non-blocking write did not take, the handle's thread sends.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import select
 import socket
 import threading
@@ -110,8 +112,14 @@ class ControlSendHandle(SendHandle):
             sock = self._sock
             if sock is None or sock.fileno() < 0:
                 return 0
+            fd = sock.fileno()
             try:
-                return sock.send(frame, socket.MSG_DONTWAIT)
+                # Not sock.send: on a socket with a timeout, Python waits (up to the timeout) for
+                # room when the buffer is full, MSG_DONTWAIT or not. The handle's thread gave the
+                # socket a timeout, so its descriptor is non-blocking and os.write never waits.
+                if os.get_blocking(fd):
+                    return 0
+                return os.write(fd, frame)
             except OSError:  # full or failing: the handle's thread sends it or sees the error
                 return 0
 
