@@ -20,10 +20,9 @@ from engine.modelled import (
     HARDWARE,
     LINKS,
     LatencyModel,
-    ProfileLatencyModel,
-    RooflineLatencyModel,
     get_shape,
     kv_capacity_tokens,
+    latency_model,
 )
 from mls.config import ConfigError, from_dict, load_yaml
 from mls.policy.mixed import MIXED_POLICIES
@@ -104,18 +103,13 @@ class SimDesignConfig:
             tensor_parallel=self.tensor_parallel, colocated=self.colocated,
             max_batch_size=self.max_batch_size, mixed_policy=self.mixed_policy,
             max_num_batched_tokens=self.max_num_batched_tokens)
-        return design, self._latency(shape, self.hardware, self.tensor_parallel)
+        return design, self._latency(self.hardware, self.tensor_parallel)
 
     def reference_latency(self) -> LatencyModel:
-        return self._latency(get_shape(self.model), self.reference_hardware,
-                             self.reference_tensor_parallel)
+        return self._latency(self.reference_hardware, self.reference_tensor_parallel)
 
-    def _latency(self, shape, hardware: str, tensor_parallel: int) -> LatencyModel:
-        if self.profile is None:
-            return RooflineLatencyModel(shape, hardware, tensor_parallel)
-        if not Path(self.profile).is_file():
+    def _latency(self, hardware: str, tensor_parallel: int) -> LatencyModel:
+        if self.profile is not None and not Path(self.profile).is_file():
             raise ConfigError(f"profile: {self.profile} not found (run from the repository root, with "
                               "../shared beside it, or set profile: null for the roofline)")
-        return ProfileLatencyModel.from_csv(self.profile, model=self.model, hardware=hardware,
-                                            tensor_parallel=tensor_parallel,
-                                            decode_axis=self.decode_axis)
+        return latency_model(self.profile, self.model, hardware, tensor_parallel, self.decode_axis)

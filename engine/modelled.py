@@ -326,3 +326,14 @@ class RooflineLatencyModel(LatencyModel):
 
     def __repr__(self) -> str:
         return f"RooflineLatencyModel({self.shape.name}, {self.hardware}, tp{self.tensor_parallel})"
+
+
+def latency_model(profile: str | Path | None, model: str, hardware: str, tensor_parallel: int,
+                  decode_axis: str = "context") -> LatencyModel:
+    """The configured model of a machine's step time, as mlsd's modelled backend and the
+    simulator's designs both configure it: the rows of (model, hardware, tensor_parallel) in a
+    Splitwise-format profile CSV, or with no profile the roofline of the model's shape."""
+    if profile is None:
+        return RooflineLatencyModel(model, hardware, tensor_parallel)
+    return ProfileLatencyModel.from_csv(profile, model=model, hardware=hardware,
+                                        tensor_parallel=tensor_parallel, decode_axis=decode_axis)

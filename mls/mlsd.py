@@ -50,13 +50,11 @@ def build_engine(cfg: MlsConfig) -> Engine:
         # shm: senders on this host write KV straight into the cache (a device cache: bytes inline)
         kv_cache_shared_memory=cfg.kv_transfer.transport == "shm" and e.device == "cpu")
     if e.backend == "modelled":
-        from engine.modelled import ProfileLatencyModel, RooflineLatencyModel
+        from engine.modelled import latency_model
         from engine.modelled_engine import ModelledEngine
 
         m = e.modelled
-        latency = RooflineLatencyModel(m.model, m.hardware, m.tensor_parallel) if m.profile is None \
-            else ProfileLatencyModel.from_csv(m.profile, model=m.model, hardware=m.hardware,
-                                              tensor_parallel=m.tensor_parallel, decode_axis=m.decode_axis)
+        latency = latency_model(m.profile, m.model, m.hardware, m.tensor_parallel, m.decode_axis)
         log.info("modelled engine: %r, time scale %g", latency, m.time_scale)
         return ModelledEngine(config, latency, m.time_scale)
     return Engine(config)
