@@ -26,13 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cls.client import AsyncClsClient  # noqa: E402
-from cls.local import LocalCluster, LocalConfig  # noqa: E402
+from cls.local import LocalCluster, LocalConfig, write_local_config  # noqa: E402
 from cls.sim_result import percentile  # noqa: E402
 from cls.simulator import ClusterDesign, Simulator  # noqa: E402
 from cls.traces import load_azure_trace  # noqa: E402
@@ -65,25 +63,16 @@ class Scaled(ProfileLatencyModel):
 def write_configs(tmp: Path, num_prompt: int, num_token: int, time_scale: float, kv_bytes: int) -> Path:
     clsd = {"model": str(DEMO), "grpc_port": 0, "metrics_port": 0, "http": {"port": None},
             "lease_ttl_s": 10, "heartbeat_interval_s": 1}
-    (tmp / "clsd.yaml").write_text(yaml.safe_dump(clsd))
-    machines = []
-    for home, n in (("prompt", num_prompt), ("token", num_token)):
-        for i in range(n):
-            cfg = {"machine_id": f"{home}-{i}", "role": home, "grpc_port": 0, "metrics_port": None,
-                   "engine": {"model": str(DEMO), "backend": "modelled", "dtype": "bfloat16",
-                              "kv_cache_bytes": kv_bytes,
-                              "modelled": {"profile": str(PROFILE), "model": "llama2-70b",
-                                           "hardware": "h100-80gb", "tensor_parallel": 8,
-                                           "time_scale": time_scale}},
-                   "scheduler": {"prompt_token_cap": 2048},
-                   "kv_transfer": {"transport": "tcp", "layerwise_min_prompt_tokens": 512}}
-            path = tmp / f"{home}-{i}.yaml"
-            path.write_text(yaml.safe_dump(cfg))
-            machines.append(str(path))
-    local = tmp / "local.yaml"
-    local.write_text(yaml.safe_dump({"run_dir": str(tmp / "run"), "clsd": str(tmp / "clsd.yaml"),
-                                     "machines": machines}))
-    return local
+    machines = [{"machine_id": f"{home}-{i}", "role": home, "grpc_port": 0, "metrics_port": None,
+                 "engine": {"model": str(DEMO), "backend": "modelled", "dtype": "bfloat16",
+                            "kv_cache_bytes": kv_bytes,
+                            "modelled": {"profile": str(PROFILE), "model": "llama2-70b",
+                                         "hardware": "h100-80gb", "tensor_parallel": 8,
+                                         "time_scale": time_scale}},
+                 "scheduler": {"prompt_token_cap": 2048},
+                 "kv_transfer": {"transport": "tcp", "layerwise_min_prompt_tokens": 512}}
+                for home, n in (("prompt", num_prompt), ("token", num_token)) for i in range(n)]
+    return write_local_config(tmp, clsd, machines)
 
 
 async def replay(address: str, arrivals, time_scale: float, seed: int):

@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -56,7 +55,7 @@ from cls.bench.backends import RequestOutput, make_backend  # noqa: E402
 from cls.bench.datasets import BenchRequest, PromptMaker, azure_lengths, build_requests  # noqa: E402
 from cls.bench.metrics import goodput_rate, request_tpot_s  # noqa: E402
 from cls.bench.runner import run_requests  # noqa: E402
-from cls.local import LocalCluster, LocalConfig  # noqa: E402
+from cls.local import LocalCluster, LocalConfig, write_local_config  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
 
 DEMO = REPO / "models" / "SmolLM2-135M-Instruct"
@@ -97,23 +96,14 @@ def write_configs(tmp: Path, design: str, args) -> Path:
             "http": {"port": 0 if args.backend != "grpc" else None},
             "router": {"colocated": colocated},
             "limits": {"request_timeout_s": REQUEST_TIMEOUT_S}}
-    (tmp / "clsd.yaml").write_text(yaml.safe_dump(clsd))
-    paths = []
-    for machine_id, role in machines:
-        cfg = {"machine_id": machine_id, "role": role, "grpc_port": 0, "metrics_port": None,
-               "engine": {"model": str(DEMO), "dtype": "bfloat16", "device": "cpu",
-                          "kv_cache_bytes": KV_BYTES, "max_num_seqs": MAX_NUM_SEQS,
-                          "num_threads": args.threads},
-               "scheduler": {"mixed_policy": policy, "max_num_batched_tokens": args.chunk_budget},
-               "kv_transfer": {"transport": args.transport if not colocated else "tcp"}}
-        path = tmp / f"{machine_id}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        paths.append(str(path))
-    local = tmp / "local.yaml"
-    run_dir = Path(args.log_dir) / design if args.log_dir else tmp / "run"
-    local.write_text(yaml.safe_dump({"run_dir": str(run_dir), "clsd": str(tmp / "clsd.yaml"),
-                                     "machines": paths}))
-    return local
+    configs = [{"machine_id": machine_id, "role": role, "grpc_port": 0, "metrics_port": None,
+                "engine": {"model": str(DEMO), "dtype": "bfloat16", "device": "cpu",
+                           "kv_cache_bytes": KV_BYTES, "max_num_seqs": MAX_NUM_SEQS,
+                           "num_threads": args.threads},
+                "scheduler": {"mixed_policy": policy, "max_num_batched_tokens": args.chunk_budget},
+                "kv_transfer": {"transport": args.transport if not colocated else "tcp"}}
+               for machine_id, role in machines]
+    return write_local_config(tmp, clsd, configs, Path(args.log_dir) / design if args.log_dir else None)
 
 
 class CpuMeter:

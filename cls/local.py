@@ -78,6 +78,26 @@ class LocalConfig:
         return cfg
 
 
+def write_local_config(directory: str | os.PathLike, clsd: dict, machines: list[dict],
+                       run_dir: str | os.PathLike | None = None) -> Path:
+    """Writes a local cluster's files into `directory`: clsd.yaml, one `<machine_id>.yaml` per
+    machine config and local.yaml naming them (the format of configs/local.yaml). Returns the
+    path of local.yaml; `run_dir` (logs, admin token) defaults to `directory`/run."""
+    import yaml
+
+    directory = Path(directory)
+    (directory / "clsd.yaml").write_text(yaml.safe_dump(clsd))
+    paths = []
+    for m in machines:
+        path = directory / f"{m['machine_id']}.yaml"
+        path.write_text(yaml.safe_dump(m))
+        paths.append(str(path))
+    local = directory / "local.yaml"
+    local.write_text(yaml.safe_dump({"run_dir": str(run_dir or directory / "run"),
+                                     "clsd": str(directory / "clsd.yaml"), "machines": paths}))
+    return local
+
+
 @dataclass
 class Daemon:
     """One child process whose first stdout line is a READY JSON object."""

@@ -410,16 +410,7 @@ STAND_IN = [sys.executable, "-m", "tests.test_client_sdk"]
 
 def write_local_config(tmp_path: Path, machines: list[dict]) -> Path:
     """configs/local.yaml's format, pointing at stand-in configs in tmp_path."""
-    (tmp_path / "clsd.yaml").write_text("grpc_port: 0\n")
-    paths = []
-    for m in machines:
-        p = tmp_path / f"{m['machine_id']}.yaml"
-        p.write_text(yaml.safe_dump(m))
-        paths.append(str(p))
-    cfg = tmp_path / "local.yaml"
-    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "clsd": str(tmp_path / "clsd.yaml"),
-                                   "machines": paths}))
-    return cfg
+    return local.write_local_config(tmp_path, {"grpc_port": 0}, machines)
 
 
 def stopped_at(log: Path) -> int:
