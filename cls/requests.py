@@ -178,19 +178,18 @@ class Dispatcher:
                 # starts with the reservation, not one token-machine turn after it: its KV
                 # receiver holds a sender that comes first (mls/kv/control.py). Otherwise the
                 # prefill waits for RESERVED, so no prompt machine holds KV nobody can take.
-                prefill_req = mpb.PrefillRequest(request=spec, kv_address=tm.info.kv_address)
-                prefill = None
-                if route.kv_fits:
+                def start_prefill() -> asyncio.Future:
                     req.prefill_start_s = req.prefill_start_s or time.monotonic()
-                    prefill = asyncio.ensure_future(self._call(pm, "prefill", prefill_req))
+                    return asyncio.ensure_future(self._call(pm, "prefill", mpb.PrefillRequest(
+                        request=spec, kv_address=tm.info.kv_address)))
+
+                prefill = start_prefill() if route.kv_fits else None
                 try:
                     reply = await self._call(tm, "add_decode", mpb.AddDecodeRequest(request=spec))
                     if not reply.reserved:
                         async for new in self._until(a, "RESERVED"):
                             yield new
-                    if prefill is None:
-                        req.prefill_start_s = req.prefill_start_s or time.monotonic()
-                        prefill = asyncio.ensure_future(self._call(pm, "prefill", prefill_req))
+                    prefill = prefill or start_prefill()
                     pre = await prefill
                 finally:
                     if prefill is not None and not prefill.done():
