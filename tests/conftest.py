@@ -47,6 +47,15 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", seed: int = 0, **overr
     return model
 
 
+def write_word_tokenizer(path: Path, vocab_size: int = 256) -> None:
+    """A tokenizer.json for a tiny checkpoint (token i is the word `t<i>`), so a daemon can load
+    the folder as a model."""
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0")).save(
+        str(path / "tokenizer.json"))
+
+
 def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
     """transformers' greedy continuation of one prompt, exactly num_tokens long (no EOS stop)."""
     ids = torch.tensor([prompt])

@@ -8,16 +8,15 @@ import threading
 
 import pytest
 
-from engine.config import EngineConfig
-from engine.engine import Engine
 from engine.sequence import SamplingParams
 from mls import worker as worker_mod
 from mls.config import MlsConfig, from_dict
 from mls.kv.factory import make_endpoints
 from mls.metrics import MlsMetrics
+from mls.mlsd import build_engine
 from mls.requests import PrefillResult
 from mls.worker import EngineWorker
-from tests.conftest import hf_greedy, make_tiny_checkpoint
+from tests.conftest import hf_greedy, make_tiny_checkpoint, write_word_tokenizer
 
 
 class Collector:
@@ -43,18 +42,19 @@ class Collector:
 
 
 def make_worker(ckpt, role: str, emit) -> EngineWorker:
+    """mlsd's own assembly (build_engine, make_endpoints), without its gRPC service."""
     cfg = from_dict(MlsConfig, {"machine_id": f"w-{role}", "role": role, "metrics_port": None,
                                 "engine": {"model": str(ckpt), "dtype": "float32", "block_size": 4,
                                            "kv_cache_bytes": 256 * 4 * 512}})
-    engine = Engine(EngineConfig(model=str(ckpt), dtype="float32", block_size=4,
-                                 kv_cache_bytes=256 * 4 * 512, skip_tokenizer_init=True))
-    receiver, sender = make_endpoints("tcp")
-    return EngineWorker(engine, cfg, emit, MlsMetrics(cfg.machine_id, role), receiver, sender)
+    receiver, sender = make_endpoints(cfg.kv_transfer.transport)
+    return EngineWorker(build_engine(cfg), cfg, emit, MlsMetrics(cfg.machine_id, role), receiver,
+                        sender)
 
 
 @pytest.fixture
 def ckpt(tmp_path):
     model = make_tiny_checkpoint(tmp_path / "tiny")
+    write_word_tokenizer(tmp_path / "tiny")
     return tmp_path / "tiny", model
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from proto import clsd_pb2, clsd_pb2_grpc, mlsd_pb2_grpc
 from proto import mlsd_pb2 as pb
-from tests.conftest import make_tiny_checkpoint
+from tests.conftest import make_tiny_checkpoint, write_word_tokenizer
 from tests.mls_driver import MachineProc
 
 HEARTBEAT_S = 0.2
@@ -18,12 +18,9 @@ HEARTBEAT_S = 0.2
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models
-
     path = tmp_path_factory.mktemp("tiny-llama")
     make_tiny_checkpoint(path, "llama")  # vocab of 256, 2 layers
-    Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0")).save(
-        str(path / "tokenizer.json"))
+    write_word_tokenizer(path)
     return path
 
 
