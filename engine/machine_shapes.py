@@ -13,6 +13,8 @@ import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.model_config import AttentionSizes
+
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct" / "config.json"
 
 
@@ -24,7 +26,7 @@ def _check_count(name: str, value, minimum: int) -> None:
 # --- model shapes and hardware -------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ModelShape:
+class ModelShape(AttentionSizes):
     """What the latency and memory of a dense decoder-only transformer depend on. Parameter
     counts cover the weight matrices; norms and biases (< 0.1%) are left out."""
     name: str
@@ -37,14 +39,6 @@ class ModelShape:
     vocab_size: int
     tie_word_embeddings: bool = False
     gated_mlp: bool = True  # gate, up and down projections (SwiGLU); False: up and down (GELU)
-
-    @property
-    def q_size(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_kv_heads * self.head_dim
 
     @property
     def layer_params(self) -> int:
@@ -182,7 +176,7 @@ def _hardware(hardware: Hardware | str) -> Hardware:
 
 def kv_bytes_per_token(shape: ModelShape, dtype_bytes: int = 2) -> int:
     """Bytes of K and V one token occupies across all layers (the whole model, all GPUs)."""
-    return 2 * shape.num_layers * shape.kv_size * dtype_bytes
+    return shape.kv_bytes_per_token(dtype_bytes)
 
 
 def _kv_bytes_per_token_per_gpu(shape: ModelShape, tensor_parallel: int, dtype_bytes: int) -> int:

@@ -20,8 +20,29 @@ class ModelConfigError(ValueError):
     """The checkpoint's config.json describes a model this engine cannot run."""
 
 
+class AttentionSizes:
+    """Sizes derived from the attention heads, for any dataclass with num_layers, num_heads,
+    num_kv_heads and head_dim (ModelConfig here, engine.machine_shapes.ModelShape)."""
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """Bytes of K and V one token occupies across all layers (the whole model)."""
+        return 2 * self.num_layers * self.kv_size * dtype_bytes
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(AttentionSizes):
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -42,20 +63,8 @@ class ModelConfig:
     torch_dtype: str = "float32"
 
     @property
-    def q_size(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    @property
     def rope_type(self) -> str:
         return self.rope_scaling.get("rope_type", "default")
-
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """Bytes of K and V one token occupies across all layers."""
-        return 2 * self.num_layers * self.kv_size * dtype_bytes
 
     @classmethod
     def from_dict(cls, raw: dict) -> ModelConfig:
