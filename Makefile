@@ -27,6 +27,7 @@ run: install demo-model
 	$(BIN)/clsctl local up --config configs/local.yaml --ask "What is the capital of France?"
 
 test: install demo-model
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 lint: install

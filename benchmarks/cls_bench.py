@@ -32,7 +32,7 @@ import platform
 import random
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--rates, --streams, --duration-s, --prompt-tokens, --prompt/token-machines must be "
                  "positive, --stream-tokens >= 2")
 
-    result: dict = {"host": host_info(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    result: dict = {"host": host_info(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
                     "parameters": vars(args)}
     parts = ["routing", "clsd"] if args.part == "all" else [args.part]
     for part in parts:

@@ -29,8 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cls.cli.local_cluster import LocalCluster, LocalConfig, write_local_config  # noqa: E402
 from cls.client import AsyncClsClient  # noqa: E402
-from cls.local import LocalCluster, LocalConfig, write_local_config  # noqa: E402
 from cls.sim_result import percentile  # noqa: E402
 from cls.simulator import ClusterDesign, Simulator  # noqa: E402
 from cls.traces import load_azure_trace  # noqa: E402

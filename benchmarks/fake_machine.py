@@ -123,9 +123,9 @@ class FakeMachine(mlsd_pb2_grpc.MachineServiceServicer):
         return self._abort(request)
 
     async def Work(self, request_iterator, context):
-        ops = {"add_decode": self._add_decode, "prefill": self._prefill, "generate": self._generate,
-               "abort": self._abort}
-        await WorkServer(lambda op, r: ops[op](r), lambda e: None).serve(request_iterator, context)
+        handlers = {pb.AddDecodeRequest: self._add_decode, pb.PrefillRequest: self._prefill,
+                    pb.GenerateRequest: self._generate, pb.AbortRequest: self._abort}
+        await WorkServer(lambda r: handlers[type(r)](r), lambda e: None).serve(request_iterator, context)
 
     async def StreamEvents(self, request, context):
         q: asyncio.Queue = asyncio.Queue()

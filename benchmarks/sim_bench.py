@@ -26,7 +26,7 @@ import os
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def part_scale(out: dict, duration_s: float, trace: str) -> None:
                         output_len=None, seed=1)
     print(f"\n== scale: 1,000 machines, 2,000 req/s, {duration_s:g} simulated s, {trace} lengths ==",
           flush=True)
-    from cls.progress import advance_to_callback
+    from cls.cli.progress import advance_to_callback
 
     run = run_once(cfg, workload, 2000.0, SPLITWISE_SLO,
                    lambda label, total: advance_to_callback(total, label))
@@ -135,7 +135,7 @@ def main() -> int:
         print(f"error: traces absent: {', '.join(missing)} (../shared beside the repository)",
               file=sys.stderr)
         return 1
-    out = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    out = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
            "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}"}
     start = time.monotonic()
     if args.part in ("designs", "all"):

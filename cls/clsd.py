@@ -3,8 +3,8 @@
 1. `main()` loads the YAML config and the admin token file, loads the tokenizer (no torch on the
    CLS host), binds the gRPC server (ClientService, AdminService, RegistryService, health), starts
    the metrics endpoint and, when `http.port` is set, the OpenAI-compatible HTTP server
-   (cls/openai_http.py, uvicorn as a task in this event loop), prints one READY line (JSON with
-   the bound ports) and tells systemd READY=1.
+   (cls/http/server.py, uvicorn as a task in this event loop), prints one READY line (JSON with
+   the bound ports) and tells systemd READY=1 (daemon/lifecycle.py, shared with mlsd).
 2. Machines register and heartbeat (cls/registry.py); clients call Generate (cls/service.py),
    and each request runs through the Dispatcher (cls/requests.py).
 3. While serving, a watchdog task sends WATCHDOG=1 as long as the event loop turns, and a
@@ -17,21 +17,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import signal
 import sys
 import time
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cls.config import ClsConfig
 from cls.metrics import ClsMetrics
 from cls.service import AdminService, ClientService, ClusterState, RegistryService
+from daemon.lifecycle import Lifecycle, start_metrics_endpoint, wait_idle
+from daemon.settings import ConfigError, load_daemon_config
 from engine.tokenizer import Tokenizer
-from mls import sdnotify
-from mls.config import ConfigError, load_daemon_config
 from proto import clsd_pb2_grpc
 
 log = logging.getLogger("clsd")
@@ -42,71 +39,48 @@ async def serve(cfg: ClsConfig) -> int:
     t0 = time.monotonic()
     metrics = ClsMetrics()
     state = ClusterState(cfg, Tokenizer(cfg.model), metrics)
-    metrics_port = None
-    if cfg.metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=metrics.registry)
-        metrics_port = httpd.server_port
+    metrics_port = start_metrics_endpoint(cfg.metrics_port, cfg.host, metrics.registry)
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 2**20)])
     clsd_pb2_grpc.add_ClientServiceServicer_to_server(ClientService(state), server)
     clsd_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(state), server)
     clsd_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryService(state), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    lifecycle = Lifecycle(server, SERVICE_NAMES)
     port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
     http = None
     if cfg.http.port is not None:
-        from cls.openai_http import HttpFrontDoor  # fastapi + uvicorn only when the door is on
+        from cls.http.server import HttpFrontDoor  # fastapi + uvicorn only when the door is on
 
         http = HttpFrontDoor(state)
         await http.start()
     await server.start()
     state.registry.start()
-    for name in SERVICE_NAMES:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(json.dumps({"event": "READY", "grpc_port": port, "metrics_port": metrics_port,
-                      "http_port": http.port if http else None, "model": cfg.served_model_name,
-                      "http_api_key_required": cfg.http.api_key_file is not None}), flush=True)
+    # The watchdog's WATCHDOG=1 says the event loop turned: clsd is not wedged.
+    await lifecycle.serving({"grpc_port": port, "metrics_port": metrics_port,
+                             "http_port": http.port if http else None, "model": cfg.served_model_name,
+                             "http_api_key_required": cfg.http.api_key_file is not None},
+                            cfg.watchdog_interval_s)
     log.info("serving on %s:%d after %.1f s", cfg.host, port, time.monotonic() - t0)
     if http:
         log.info("OpenAI-compatible HTTP on http://%s:%d/v1 (model %r)", http.host, http.port,
                  cfg.served_model_name)
-    sdnotify.notify("READY=1")
-    tasks = [asyncio.create_task(_watchdog(cfg)), asyncio.create_task(_refresh_metrics(state))]
+    refresh = asyncio.create_task(_refresh_metrics(state))
 
-    await stop.wait()
+    await lifecycle.stop.wait()
     log.info("draining: finishing %d in-flight requests", len(state.inflight))
     state.draining = True
-    for name in SERVICE_NAMES:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    sdnotify.notify("STOPPING=1")
-    deadline = time.monotonic() + cfg.drain_timeout_s
-    while state.inflight and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    if state.inflight:
+    await lifecycle.draining()
+    if not await wait_idle(lambda: not state.inflight, cfg.drain_timeout_s):
         log.warning("drain timed out with %d requests in flight", len(state.inflight))
-    for t in tasks:
-        t.cancel()
+    lifecycle.close()
+    refresh.cancel()
     if http:
         await http.stop()
     await server.stop(grace=2.0)
     await state.registry.close()
     log.info("stopped")
     return 0
-
-
-async def _watchdog(cfg: ClsConfig) -> None:
-    interval = sdnotify.watchdog_interval_s() or cfg.watchdog_interval_s
-    while True:
-        await asyncio.sleep(interval)
-        sdnotify.notify("WATCHDOG=1")  # the loop turned: clsd is not wedged
 
 
 async def _refresh_metrics(state: ClusterState) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mls.config import ConfigError, from_dict, load_yaml
+from daemon.settings import ConfigError, from_dict, load_yaml
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class LimitsSection:
 
 @dataclass(frozen=True)
 class HttpSection:
-    """The OpenAI-compatible HTTP front door (cls/openai_http.py)."""
+    """The OpenAI-compatible HTTP front door (cls/http/server.py)."""
 
     port: int | None = None
     """0 picks a free port; null disables the HTTP front door."""

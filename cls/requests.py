@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from cls.pools import Pool, Pools
+from cls.ledger import Ledger
+from cls.pools import Pools
 from cls.registry import Registry
 from cls.router import NoMachine, Route, Router
 from cls.work_stream import WorkError
@@ -51,6 +52,32 @@ class RequestError(Exception):
         self.code, self.message, self.param = code, message, param
 
 
+@dataclass(frozen=True)
+class TokenArrived:
+    """Inbox item: output token `index` of `attempt` (indices count from the attempt's start)."""
+    attempt: _Attempt
+    index: int
+    token_id: int
+
+
+@dataclass(frozen=True)
+class MachineEvent:
+    """Inbox item: a RESERVED / FINISHED / FAILED / ABORTED event of `attempt`."""
+    attempt: _Attempt
+    event: mpb.RequestEvent
+
+
+@dataclass(frozen=True)
+class MachineLost:
+    """Inbox item: a machine of `attempt` left (lease expired, stream broken)."""
+    attempt: _Attempt
+    machine_id: str
+    reason: str
+
+
+InboxItem = TokenArrived | MachineEvent | MachineLost
+
+
 class _AttemptFailed(Exception):
     def __init__(self, message: str, machines: tuple[str, ...] = ()):
         super().__init__(message)
@@ -71,7 +98,7 @@ class ClusterRequest:
     num_attempts: int = 0
     prefill_start_s: float | None = None
     route: Route | None = None
-    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    inbox: asyncio.Queue[InboxItem] = field(default_factory=asyncio.Queue)
 
     @property
     def max_tokens(self) -> int:
@@ -96,6 +123,8 @@ class Dispatcher:
     def __init__(self, pools: Pools, router: Router, registry: Registry, rpc_timeout_s: float,
                  max_reroutes: int, metrics=None):
         self.pools, self.router, self.registry = pools, router, registry
+        self.ledger = Ledger(pools, on_move=lambda move: log.info(
+            "machine %s returns to the %s pool", move.machine_id, move.to_pool))
         self.rpc_timeout_s, self.max_reroutes, self.metrics = rpc_timeout_s, max_reroutes, metrics
         self.attempts: dict[str, _Attempt] = {}
         self._background: set[asyncio.Task] = set()
@@ -106,16 +135,16 @@ class Dispatcher:
         for t in msg.tokens:
             a = self.attempts.get(t.request_id)
             if a is not None:
-                a.req.inbox.put_nowait(("token", a, t.index, t.token_id))
+                a.req.inbox.put_nowait(TokenArrived(a, t.index, t.token_id))
         for e in msg.events:
             a = self.attempts.get(e.request_id)
             if a is not None:
-                a.req.inbox.put_nowait(("event", a, e))
+                a.req.inbox.put_nowait(MachineEvent(a, e))
 
     def on_lost(self, machine_id: str, reason: str) -> None:
         for a in list(self.attempts.values()):
             if machine_id in (a.route.prompt_machine, a.route.token_machine):
-                a.req.inbox.put_nowait(("lost", a, machine_id, reason))
+                a.req.inbox.put_nowait(MachineLost(a, machine_id, reason))
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -172,7 +201,7 @@ class Dispatcher:
             pm.requests.add(a.attempt_id)
             tm.requests.add(a.attempt_id)
             if route.colocated:
-                await self._call(tm, "generate", mpb.GenerateRequest(request=spec))
+                await self._call(tm, mpb.GenerateRequest(request=spec))
             else:
                 # Where the token machine has the memory (in the router's view), the prefill
                 # starts with the reservation, not one token-machine turn after it: its KV
@@ -180,14 +209,14 @@ class Dispatcher:
                 # prefill waits for RESERVED, so no prompt machine holds KV nobody can take.
                 def start_prefill() -> asyncio.Future:
                     req.prefill_start_s = req.prefill_start_s or time.monotonic()
-                    return asyncio.ensure_future(self._call(pm, "prefill", mpb.PrefillRequest(
+                    return asyncio.ensure_future(self._call(pm, mpb.PrefillRequest(
                         request=spec, kv_address=tm.info.kv_address)))
 
                 prefill = start_prefill() if route.kv_fits else None
                 try:
-                    reply = await self._call(tm, "add_decode", mpb.AddDecodeRequest(request=spec))
+                    reply = await self._call(tm, mpb.AddDecodeRequest(request=spec))
                     if not reply.reserved:
-                        async for new in self._until(a, "RESERVED"):
+                        async for new in self._until(a, mpb.RequestEvent.RESERVED):
                             yield new
                     prefill = prefill or start_prefill()
                     pre = await prefill
@@ -209,15 +238,16 @@ class Dispatcher:
                 if new:
                     self._credit_tokens(a)
                     yield new
-            async for new in self._until(a, "FINISHED"):
+            async for new in self._until(a, mpb.RequestEvent.FINISHED):
                 yield new
         finally:
             self._end(a)
 
-    async def _until(self, a: _Attempt, kind: str):
-        """Consumes the inbox until an event of `kind` arrives, yielding delivered tokens: all
-        that are already waiting go out as one batch (one client message, not one per token).
-        FINISHED is recorded before the last batch goes out, so that batch can carry the end."""
+    async def _until(self, a: _Attempt, kind: mpb.RequestEvent.Kind.ValueType):
+        """Consumes the inbox until an event of `kind` (RESERVED or FINISHED) arrives, yielding
+        delivered tokens: all that are already waiting go out as one batch (one client message,
+        not one per token). FINISHED is recorded before the last batch goes out, so that batch can
+        carry the end."""
         req, new = a.req, []
         while True:
             if new and req.inbox.empty():
@@ -225,28 +255,28 @@ class Dispatcher:
                 yield new
                 new = []
             item = await req.inbox.get()
-            if item[1] is not a:
+            if item.attempt is not a:
                 continue  # a late item of an earlier attempt
-            if item[0] == "token":
-                new += self._deliver(a, item[2], item[3])
+            if isinstance(item, TokenArrived):
+                new += self._deliver(a, item.index, item.token_id)
                 continue
-            finished = item[0] == "event" and item[2].kind == mpb.RequestEvent.FINISHED
+            event = item.event if isinstance(item, MachineEvent) else None
+            finished = event is not None and event.kind == mpb.RequestEvent.FINISHED
             if finished:
-                req.finish_reason = item[2].finish_reason or "stop"
+                req.finish_reason = event.finish_reason or "stop"
             if new:  # tokens already placed in req.tokens reach the client before anything ends
                 self._credit_tokens(a)
                 yield new
                 new = []
             if finished:
                 return
-            if item[0] == "lost":
-                raise _AttemptFailed(item[3], (item[2],))
-            e = item[2]
-            name = mpb.RequestEvent.Kind.Name(e.kind)
-            if name == kind == "RESERVED":
+            if isinstance(item, MachineLost):
+                raise _AttemptFailed(item.reason, (item.machine_id,))
+            if event.kind == kind == mpb.RequestEvent.RESERVED:
                 return
-            if name in ("FAILED", "ABORTED"):
-                raise _AttemptFailed(f"{name.lower()} on {a.route.token_machine}: {e.message}",
+            if event.kind in (mpb.RequestEvent.FAILED, mpb.RequestEvent.ABORTED):
+                name = mpb.RequestEvent.Kind.Name(event.kind).lower()
+                raise _AttemptFailed(f"{name} on {a.route.token_machine}: {event.message}",
                                      (a.route.token_machine,))
 
     def _deliver(self, a: _Attempt, index: int, token_id: int) -> list[int]:
@@ -266,7 +296,7 @@ class Dispatcher:
     def _credit_tokens(self, a: _Attempt) -> None:
         """Credits the router for the tokens delivered since the last credit (once per batch)."""
         if a.produced > a.credited:
-            self.pools.credit_decode(a.route.token_machine, a.produced - a.credited)
+            self.ledger.tokens_done(a.route.token_machine, a.produced - a.credited)
             a.credited = a.produced
 
     # -- machines -------------------------------------------------------------------------------
@@ -277,26 +307,20 @@ class Dispatcher:
             raise _AttemptFailed(f"machine {machine_id} left", (machine_id,))
         return link
 
-    async def _call(self, link, method: str, request):
+    async def _call(self, link, request):
+        op = type(request).__name__.removesuffix("Request")
         try:
-            return await link.work.call(method, request, self.rpc_timeout_s)
+            return await link.work.call(request, self.rpc_timeout_s)
         except WorkError as e:
             if e.code() in _RETRY_CODES:
-                raise _AttemptFailed(f"{method} on {link.machine_id}: {e.code().name} {e.details()}",
+                raise _AttemptFailed(f"{op} on {link.machine_id}: {e.code().name} {e.details()}",
                                      (link.machine_id,)) from None
-            raise RequestError(e.code(), f"{method} on {link.machine_id}: {e.details()}") from None
+            raise RequestError(e.code(), f"{op} on {link.machine_id}: {e.details()}") from None
 
     def _credit_prompt(self, a: _Attempt) -> None:
         if not a.prompt_credited:
             a.prompt_credited = True
-            self.pools.credit_prompt(a.route.prompt_machine, a.prompt_len)
-            self._return_idle(a.route.prompt_machine)
-
-    def _return_idle(self, machine_id: str) -> None:
-        m = self.pools.machines.get(machine_id)
-        if m is not None and m.role == Pool.MIXED:
-            for move in self.pools.return_idle(machine_id):
-                log.info("machine %s returns to the %s pool", machine_id, move.to_pool)
+            self.ledger.prompt_done(a.route.prompt_machine, a.prompt_len)
 
     def _end(self, a: _Attempt) -> None:
         """Credits the router and, unless finished, aborts the attempt where it may still live."""
@@ -304,8 +328,7 @@ class Dispatcher:
         r = a.route
         self._credit_prompt(a)
         remaining = a.req.max_tokens - a.offset - a.credited  # the uncredited and the unproduced
-        self.pools.credit_decode(r.token_machine, max(0, remaining), r.num_blocks)
-        self._return_idle(r.token_machine)
+        self.ledger.request_done(r.token_machine, r.num_blocks, remaining)
         for mid in {r.prompt_machine, r.token_machine}:
             link = self.registry.links.get(mid)
             if link is None:
@@ -316,7 +339,7 @@ class Dispatcher:
 
     async def _abort(self, link, attempt_id: str) -> None:
         try:
-            await link.work.call("abort", mpb.AbortRequest(request_id=attempt_id), self.rpc_timeout_s)
+            await link.work.call(mpb.AbortRequest(request_id=attempt_id), self.rpc_timeout_s)
         except WorkError:
             pass  # unknown there (already done) or the machine is gone: nothing is held
 

@@ -10,7 +10,7 @@ Life cycle of a Generate call:
 4. A client that cancels the stream cancels the dispatcher's run, which aborts the request on
    its machines.
 Steps 1-2 and the run are `ClusterState.admit` / `generate`, which the OpenAI HTTP front door
-(cls/openai_http.py) calls too, so both doors validate, bound and abort requests the same way.
+(cls/http/server.py) calls too, so both doors validate, bound and abort requests the same way.
 """
 
 from __future__ import annotations

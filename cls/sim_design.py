@@ -11,10 +11,13 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from cls.simulator import ClusterDesign
+from daemon.settings import ConfigError, from_dict, load_yaml
 from engine.modelled import (
     DECODE_AXES,
     HARDWARE,
@@ -24,10 +27,12 @@ from engine.modelled import (
     kv_capacity_tokens,
     latency_model,
 )
-from mls.config import ConfigError, from_dict, load_yaml
 from mls.policy.mixed import MIXED_POLICIES
 
 DEFAULT_PROFILE = "../shared/profiles/splitwise_perf_model.csv"
+RENAMED_KEYS = {"max_batch_size": "max_num_seqs"}
+"""Old design keys and their names now (mlsd's engine.max_num_seqs is the same limit)."""
+log = logging.getLogger("clsctl.simulate")
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class SimDesignConfig:
     kv_memory_fraction: float = 0.9
     colocated: bool = False
     """Every machine runs both phases (the baseline); num_prompt + num_token machines in all."""
-    max_batch_size: int = 256
+    max_num_seqs: int = 256
     mixed_policy: str = "prompt_first"
     """Colocated work: prompt_first, or chunked (chunked prefill, max_num_batched_tokens a step)."""
     max_num_batched_tokens: int = 512
@@ -64,7 +69,7 @@ class SimDesignConfig:
         if self.reference_hardware not in HARDWARE:
             raise ConfigError(f"reference_hardware must be one of {sorted(HARDWARE)}, got "
                               f"{self.reference_hardware!r}")
-        for key in ("max_batch_size", "reference_tensor_parallel", "block_size"):
+        for key in ("max_num_seqs", "reference_tensor_parallel", "block_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.mixed_policy not in MIXED_POLICIES:
@@ -85,7 +90,16 @@ class SimDesignConfig:
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict | None = None) -> SimDesignConfig:
-        return from_dict(cls, load_yaml(path, overrides))
+        raw = load_yaml(path, overrides)
+        for old, new in RENAMED_KEYS.items():  # kept for one release, with a warning
+            if old in raw:
+                warnings.warn(f"{path}: {old} is deprecated; use {new}", DeprecationWarning,
+                              stacklevel=2)
+                log.warning("%s: %s is deprecated; use %s", path, old, new)
+                if new in raw:
+                    raise ConfigError(f"{old} and {new} both given; keep {new}")
+                raw[new] = raw.pop(old)
+        return from_dict(cls, raw)
 
     def build(self) -> tuple[ClusterDesign, LatencyModel]:
         try:
@@ -101,7 +115,7 @@ class SimDesignConfig:
             prompt_queue_limit_tokens=self.prompt_queue_limit_tokens, model_shape=shape,
             link_bytes_s=LINKS[self.link], layerwise_transfer=self.layerwise_transfer,
             tensor_parallel=self.tensor_parallel, colocated=self.colocated,
-            max_batch_size=self.max_batch_size, mixed_policy=self.mixed_policy,
+            max_num_seqs=self.max_num_seqs, mixed_policy=self.mixed_policy,
             max_num_batched_tokens=self.max_num_batched_tokens)
         return design, self._latency(self.hardware, self.tensor_parallel)
 

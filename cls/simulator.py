@@ -1,25 +1,25 @@
 """A discrete-event cluster simulator in virtual time that drives the daemons' own policy objects.
 
-The router (`cls.router.Router` over `cls.pools.Pools`) and, per machine, the machine policies
-(`PromptScheduler`, `TokenScheduler`, `MixedScheduler` over one shared `BlockBudget`) are the very
-objects clsd and mlsd run; only the clock and the engine are modelled (an `engine.modelled`
-latency model gives each step's time, `kv_transfer_s` the KV transfer's). Life cycle of a request:
+The router (`cls.router.Router` over `cls.pools.Pools`) and, per machine, mlsd's
+`MachineScheduler` (the prompt, token and mixed policies over one KV budget) are the very objects
+clsd and mlsd run; only the clock and the engine are modelled (an `engine.modelled` latency model
+gives each engine call's time, `kv_transfer_s` the KV transfer's). Life cycle of a request:
 1. Arrival: the router picks and charges a (prompt, token) machine pair.
-2. Disaggregated: the token machine's TokenScheduler queues it and admits it when its KV blocks
-   (prompt + max output) are free; only then does the prompt go to the prompt machine's
-   PromptScheduler (clsd sends Prefill after the token machine reserved, as here).
-   Colocated: the machine's MixedScheduler queues it and prefills it when its blocks are free.
-3. Prefill step ends: the router is credited the prompt (the prompt machine may return home);
-   disaggregated, the first token exists once the KV has arrived (`kv_transfer_s` after the
-   prefill's end), and the request joins the token machine's decode batch.
-4. Each decode step gives every running request one token; the router is credited the step's
-   tokens at once (what per-token credits would leave before the next decision).
-5. Finish (output_len tokens): the blocks go back, the router is credited the request's blocks
-   (the token machine may return home), and queued requests may be admitted.
-A machine runs one step at a time: a prefill batch if it has prompts (prompts first, as the mixed
-policy does), otherwise one decode step over all its running requests. A machine whose mixed
-policy is chunked runs one step of all its decodes plus prompt chunks under the token budget
-(its prompt-machine work, when it has some, still runs first as whole prefills).
+2. Disaggregated: the token machine queues it as token work and admits it when its KV blocks
+   (prompt + max output) are free; then its prompt goes to the prompt machine as prompt work
+   (clsd starts the prefill with the reservation when the token machine has the memory).
+   Colocated: the machine queues it as mixed work.
+3. A machine runs one turn at a time, the turn its MachineScheduler plans, as mlsd's worker does:
+   the prompt batch, then (prompt_first) the mixed prefill and one decode call, or (chunked) one
+   step of every decode plus prompt chunks; the turn takes the sum of its engine calls.
+4. The prompt batch's end: the router is credited the prompts (the machine may return home) and
+   each KV arrives `kv_transfer_s` later; the first token exists then, and the request joins the
+   token machine's decodes.
+5. The turn's end: every decode (and every prompt completed here) has one more token; the router
+   is credited the turn's tokens at once (what per-token credits would leave before the next
+   decision); `MachineScheduler.update` takes the turn's result.
+6. Finish (output_len tokens): the blocks go back, the router is credited the request's blocks
+   (the token machine may return home), and queued token work may be admitted.
 """
 
 from __future__ import annotations
@@ -29,15 +29,16 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cls.ledger import Ledger
 from cls.pools import Pool, PoolMove, Pools
 from cls.router import NoMachine, Router
 from cls.sim_result import RequestRecord, SimResult
 from cls.traces import Arrival
 from engine.modelled import LINKS, LatencyModel, ModelShape, kv_transfer_s
-from mls.policy import BlockBudget, Job, MixedScheduler, PromptScheduler, TokenScheduler
+from mls.policy import Job, MachineScheduler, TurnPlan, TurnResult, WorkKind
 
 _UNBOUNDED_QUEUE = 1 << 40  # the simulator measures queueing; it never turns requests away
-_ARRIVAL, _STEP_DONE, _KV_READY = 0, 1, 2
+_ARRIVAL, _PROMPT_DONE, _TURN_DONE, _KV_READY = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class ClusterDesign:
     prompt_token_cap: int = 2048
     prompt_queue_limit_tokens: int = 8192
     max_model_len: int = 1 << 20
-    max_batch_size: int = 256
+    max_num_seqs: int = 256
     model_shape: ModelShape | None = None
     """For the KV transfer time; None: transfers take no time."""
     link_bytes_s: float = LINKS["infiniband-400g"]
@@ -76,42 +77,52 @@ class ClusterDesign:
 
 
 class _Machine:
-    """One simulated machine: the mlsd policies over one KV pool, and the step it runs."""
+    """One simulated machine: mlsd's MachineScheduler (the three policies over one KV pool) and
+    whether a turn is running."""
 
     def __init__(self, machine_id: str, d: ClusterDesign):
         self.machine_id = machine_id
-        budget = BlockBudget(d.kv_blocks_per_machine)
-        self.prompt = PromptScheduler(d.prompt_token_cap, max_queue_len=_UNBOUNDED_QUEUE)
-        self.token = TokenScheduler(d.kv_blocks_per_machine, d.block_size, d.max_batch_size,
-                                    _UNBOUNDED_QUEUE, budget)
-        self.mixed = MixedScheduler(d.kv_blocks_per_machine, d.block_size, d.prompt_token_cap,
-                                    d.max_batch_size, _UNBOUNDED_QUEUE, budget, d.mixed_policy,
-                                    d.max_num_batched_tokens)
+        self.sched = MachineScheduler(
+            d.kv_blocks_per_machine, d.block_size, prompt_token_cap=d.prompt_token_cap,
+            max_num_seqs=d.max_num_seqs, max_queue_len=_UNBOUNDED_QUEUE,
+            mixed_policy=d.mixed_policy, max_num_batched_tokens=d.max_num_batched_tokens)
         self.busy = False
         self.busy_s = 0.0
 
 
 @dataclass(frozen=True)
-class _Step:
-    """What a machine runs now: prefill of `prefill` (from the prompt or the mixed policy) or one
-    decode token for each of `decode_token` + `decode_mixed`."""
-    prefill: list[Job]
-    mixed_prefill: bool
-    decode_token: list[str]
-    decode_mixed: list[str]
-    duration_s: float
-    chunks_done: list[Job] = ()
-    """chunked: prompts whose last chunk ran in this step (their first token comes with it)."""
+class _Turn:
+    """A planned turn in virtual time: its engine calls run back to back from `start_s`."""
+    plan: TurnPlan
+    start_s: float
+    prompt_s: float
+    """The prompt batch's prefill (prompt work; first in the turn)."""
+    prefill_s: float
+    """prompt_first: the mixed work's prefill (after the prompt batch)."""
+    step_s: float
+    """The decode call (prompt_first), or the one mixed step of decodes and chunks (chunked)."""
+
+    @property
+    def duration_s(self) -> float:
+        return self.prompt_s + self.prefill_s + self.step_s
+
+    @property
+    def prompt_batch_alone(self) -> bool:
+        """The turn is only a prompt batch: its end is the prompt batch's end (one event)."""
+        p = self.plan
+        return not (p.prefill or p.chunks or p.decode)
 
 
 class Simulator:
     def __init__(self, design: ClusterDesign, latency_model: LatencyModel, seed: int = 0,
-                 keep_token_times: bool = True):
+                 keep_token_times: bool = True,
+                 on_plan: Callable[[str, float, TurnPlan], None] | None = None):
         """`seed` is kept for randomized policies to come; today every step is deterministic.
         `keep_token_times` keeps every token's time per request (tests); at scale only each
-        request's first/last token and the global list of token gaps are kept."""
+        request's first/last token and the global list of token gaps are kept. `on_plan(machine_id,
+        now_s, plan)` sees every plan a machine makes (tests compare them with mlsd's)."""
         self.design, self.latency, self.seed = design, latency_model, seed
-        self.keep_token_times = keep_token_times
+        self.keep_token_times, self.on_plan = keep_token_times, on_plan
 
     def run(self, arrivals: list[Arrival],
             progress: Callable[[int], None] | None = None) -> SimResult:
@@ -120,6 +131,7 @@ class Simulator:
         d = self.design
         self.pools = Pools()
         self.router = Router(self.pools, d.prompt_queue_limit_tokens, colocated=d.colocated)
+        self.ledger = Ledger(self.pools, on_move=lambda move: self.pool_events.append((self.now, move)))
         self.machines: dict[str, _Machine] = {}
         for home, n in ((Pool.PROMPT, d.num_prompt), (Pool.TOKEN, d.num_token)):
             for i in range(n):
@@ -144,8 +156,10 @@ class Simulator:
                 num_arrived += 1
                 if progress is not None and num_arrived % 1000 == 0:
                     progress(num_arrived)
-            elif kind == _STEP_DONE:
-                self._step_done(*payload)
+            elif kind == _TURN_DONE:
+                self._turn_done(*payload)
+            elif kind == _PROMPT_DONE:
+                self._prompt_done(*payload)
             else:
                 self._kv_ready(*payload)
         if progress is not None:
@@ -174,138 +188,133 @@ class Simulator:
         job = Job(request_id, a.prompt_len, a.output_len, arrival_s=a.arrival_s)
         m = self.machines[route.token_machine]
         if route.colocated:
-            m.mixed.add(job)
+            m.sched.add(WorkKind.MIXED, job)
         else:
-            m.token.add(job)
-            self._admit(m)
+            m.sched.add(WorkKind.TOKEN, job)
+            self._send_prompts(m.sched.admit())
         self._kick(m)
 
-    def _admit(self, m: _Machine) -> None:
-        """Admits what the token machine's memory allows; their prompts go to prefill."""
-        for job in m.token.schedule().admitted:
+    def _send_prompts(self, admitted) -> None:
+        """Token work reserved on its token machine: its prompt goes to its prompt machine (clsd
+        starts the prefill once the token machine has the memory)."""
+        for job in admitted:
             pm = self.machines[self.records[job.request_id].prompt_machine]
-            pm.prompt.add(Job(job.request_id, job.prompt_len, job.max_tokens, job.arrival_s))
+            pm.sched.add(WorkKind.PROMPT, Job(job.request_id, job.prompt_len, job.max_tokens,
+                                              job.arrival_s))
             self._kick(pm)
 
     def _kick(self, m: _Machine) -> None:
+        """Plans and starts m's next turn, unless one is running or there is nothing to run."""
         if m.busy:
             return
-        step = self._schedule(m)
-        if step is not None:
-            m.busy = True
-            m.busy_s += step.duration_s
-            self._push(self.now + step.duration_s, _STEP_DONE, (m, step))
+        plan = m.sched.plan()
+        if self.on_plan is not None:
+            self.on_plan(m.machine_id, self.now, plan)
+        self._send_prompts(plan.admitted)
+        if not plan.has_engine_work:
+            return
+        turn = self._time(plan)
+        m.busy = True
+        m.busy_s += turn.duration_s
+        if plan.prompt_batch and not turn.prompt_batch_alone:  # the KV leaves mid-turn
+            self._push(self.now + turn.prompt_s, _PROMPT_DONE, (m, turn))
+        self._push(self.now + turn.duration_s, _TURN_DONE, (m, turn))
 
-    def _schedule(self, m: _Machine) -> _Step | None:
-        """Prompts first (the prompt policy's, then the mixed policy's), else one decode step."""
-        batch = m.prompt.schedule()
-        if batch is not None:
-            return _Step(batch.jobs, False, [], [],
-                         self.latency.prefill_s(batch.num_tokens, len(batch.jobs)))
-        if m.mixed.chunked:
-            return self._schedule_chunked(m)
-        plan = m.mixed.schedule()
+    def _time(self, plan: TurnPlan) -> _Turn:
+        """How long each engine call of the plan takes on the modelled machine."""
+        lat = self.latency
+        prompt_s = prefill_s = step_s = 0.0
+        if plan.prompt_batch:
+            prompt_s = lat.prefill_s(sum(j.prompt_len for j in plan.prompt_batch), len(plan.prompt_batch))
         if plan.prefill:
-            return _Step(plan.prefill, True, [], [], self.latency.prefill_s(
-                sum(j.prompt_len for j in plan.prefill), len(plan.prefill)))
-        decode_token = list(m.token.ready)
-        jobs = [m.token.ready[r] for r in decode_token] + [m.mixed.running[r] for r in plan.decode]
-        if not jobs:
-            return None
-        context = sum(j.prompt_len + j.num_generated for j in jobs)
-        return _Step([], False, decode_token, plan.decode, self.latency.decode_s(len(jobs), context))
-
-    def _schedule_chunked(self, m: _Machine) -> _Step | None:
-        """One step of every decode (token and mixed work) plus prompt chunks under the budget."""
-        decode_token = list(m.token.ready)
-        plan = m.mixed.schedule(num_other_decodes=len(decode_token))
-        jobs = [m.token.ready[r] for r in decode_token] + [m.mixed.running[r] for r in plan.decode]
-        if not jobs and not plan.chunks:
-            return None
-        context = sum(j.prompt_len + j.num_generated for j in jobs)
-        if plan.chunks:
-            duration = self.latency.mixed_s(sum(c.num_tokens for c in plan.chunks), len(plan.chunks),
-                                            len(jobs), context)
-        else:
-            duration = self.latency.decode_s(len(jobs), context)
-        return _Step([], False, decode_token, plan.decode, duration,
-                     [c.job for c in plan.chunks if c.last])
-
-    def _step_done(self, m: _Machine, step: _Step) -> None:
-        finished: list[tuple[TokenScheduler | MixedScheduler, RequestRecord]] = []
-        num_tokens = 0
-        for job in step.chunks_done:  # the prompt is prefilled: credited, and its first token
-            self.pools.credit_prompt(m.machine_id, job.prompt_len)
-            num_tokens += self._token(m.mixed, job.request_id, finished)
-        for job in step.prefill:
-            self.pools.credit_prompt(m.machine_id, job.prompt_len)
-            self._return_idle(m.machine_id)
-            if step.mixed_prefill:  # colocated: the prefill's token is the first token
-                num_tokens += self._token(m.mixed, job.request_id, finished)
+            prefill_s = lat.prefill_s(sum(j.prompt_len for j in plan.prefill), len(plan.prefill))
+        if plan.decode or plan.chunks:
+            records = self.records
+            context = 0
+            for rid in plan.decode:
+                r = records[rid]
+                context += r.prompt_len + r.num_tokens
+            if plan.chunks:
+                step_s = lat.mixed_s(sum(c.num_tokens for c in plan.chunks), len(plan.chunks),
+                                     len(plan.decode), context)
             else:
-                r = self.records[job.request_id]
-                shape = self.design.model_shape
-                transfer_s = 0.0 if shape is None else kv_transfer_s(
-                    job.prompt_len, shape, self.design.link_bytes_s, self.design.layerwise_transfer,
-                    step.duration_s, self.design.tensor_parallel)
-                self._push(self.now + transfer_s, _KV_READY, (self.machines[r.token_machine], job))
-        num_tokens += self._tokens(m.token, step.decode_token, finished)
-        num_tokens += self._tokens(m.mixed, step.decode_mixed, finished)
-        # One credit for the step's tokens (all on this machine): the router's state after the
+                step_s = lat.decode_s(len(plan.decode), context)
+        return _Turn(plan, self.now, prompt_s, prefill_s, step_s)
+
+    def _prompt_done(self, m: _Machine, turn: _Turn) -> None:
+        """The prompt batch's prefill ended: its prompts are credited, its KV is on the way."""
+        for job in turn.plan.prompt_batch:
+            self.ledger.prompt_done(m.machine_id, job.prompt_len)
+            r = self.records[job.request_id]
+            shape = self.design.model_shape
+            transfer_s = 0.0 if shape is None else kv_transfer_s(
+                job.prompt_len, shape, self.design.link_bytes_s, self.design.layerwise_transfer,
+                turn.prompt_s, self.design.tensor_parallel)
+            self._push(self.now + transfer_s, _KV_READY, (self.machines[r.token_machine], job))
+
+    def _turn_done(self, m: _Machine, turn: _Turn) -> None:
+        plan = turn.plan
+        if turn.prompt_batch_alone:
+            self._prompt_done(m, turn)
+        generated: list[str] = []
+        finished: list[RequestRecord] = []
+        for c in plan.chunks:  # chunked: a prompt's last chunk makes its first token
+            if c.last:
+                self.ledger.prompt_done(m.machine_id, c.job.prompt_len)
+                self._tokens((c.job.request_id,), self.now, generated, finished)
+        if plan.prefill:  # prompt_first: the prefill's token is the first token
+            for job in plan.prefill:
+                self.ledger.prompt_done(m.machine_id, job.prompt_len)
+            self._tokens([j.request_id for j in plan.prefill],
+                         turn.start_s + turn.prompt_s + turn.prefill_s, generated, finished)
+        self._tokens(plan.decode, self.now, generated, finished)
+        # One credit for the turn's tokens (all on this machine): the router's state after the
         # event is what per-token credits would leave, at a fraction of the sorted-list updates.
-        if num_tokens:
-            self.pools.credit_decode(m.machine_id, num_tokens)
+        self.ledger.tokens_done(m.machine_id, len(generated))
+        m.sched.update(TurnResult(generated=generated, finished=[r.request_id for r in finished]))
         self._finish(finished)
-        m.busy = False  # only now: the next step must see every update of this one
+        m.busy = False  # only now: the next turn must see every update of this one
         self._kick(m)
 
     def _kv_ready(self, m: _Machine, job: Job) -> None:
-        m.token.kv_ready(job.request_id)
-        finished: list = []
-        self.pools.credit_decode(m.machine_id, self._token(m.token, job.request_id, finished))
+        finished: list[RequestRecord] = []
+        self._tokens((job.request_id,), self.now, [], finished)  # the prefill's first token
+        m.sched.update(TurnResult(kv_ready=[job.request_id],
+                                  finished=[r.request_id for r in finished]))
+        self.ledger.tokens_done(m.machine_id, 1)
         self._finish(finished)
         self._kick(m)
 
     # -- request progress -----------------------------------------------------------------------
 
-    def _token(self, policy: TokenScheduler | MixedScheduler, request_id: str,
-               finished: list) -> int:
-        """One token of `request_id` exists now. Returns 1, the decode work to credit."""
-        return self._tokens(policy, (request_id,), finished)
-
-    def _tokens(self, policy: TokenScheduler | MixedScheduler, request_ids, finished: list) -> int:
-        """One token for each of `request_ids` exists now (the hot loop: locals, no calls but
-        the policy's). Finished requests are appended to `finished`; returns the token count."""
-        records, gaps, now, generated = self.records, self.tbt_gaps, self.now, policy.token_generated
+    def _tokens(self, request_ids, at_s: float, generated: list[str],
+                finished: list[RequestRecord]) -> None:
+        """One token for each of `request_ids` exists at `at_s` (the hot loop: locals, no calls).
+        Ids go to `generated`; records that reach their output length to `finished`."""
+        records, gaps = self.records, self.tbt_gaps
         for request_id in request_ids:
             r = records[request_id]
-            generated(request_id)
             if r.num_tokens:
-                gap = now - r.last_token_s
+                gap = at_s - r.last_token_s
                 gaps.append(gap)
                 if gap > r.max_tbt_s:
                     r.max_tbt_s = gap
             else:
-                r.first_token_s = now
-            r.last_token_s = now
+                r.first_token_s = at_s
+            r.last_token_s = at_s
             r.num_tokens += 1
             if r.token_times_s is not None:
-                r.token_times_s.append(now)
+                r.token_times_s.append(at_s)
             if r.num_tokens == r.output_len:
-                finished.append((policy, r))
-        return len(request_ids)
+                finished.append(r)
+        generated.extend(request_ids)
 
-    def _finish(self, finished: list) -> None:
-        """Finished requests give back their blocks; queued requests may be admitted."""
-        for policy, r in finished:
+    def _finish(self, finished: list[RequestRecord]) -> None:
+        """Finished requests (released by the machine's update) are credited their blocks; queued
+        token work may be admitted."""
+        for r in finished:
             r.finish_s = self.now
-            policy.release(r.request_id)
-            self.pools.credit_decode(r.token_machine, 0, r.num_blocks)
-            self._return_idle(r.token_machine)
+            self.ledger.request_done(r.token_machine, r.num_blocks)
             m = self.machines[r.token_machine]
-            self._admit(m)
+            self._send_prompts(m.sched.admit())
             self._kick(m)
-
-    def _return_idle(self, machine_id: str) -> None:
-        if self.pools.get(machine_id).role == Pool.MIXED:
-            self.pool_events += [(self.now, move) for move in self.pools.return_idle(machine_id)]

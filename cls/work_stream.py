@@ -1,9 +1,10 @@
 """clsd's end of one machine's Work stream: the request data path, multiplexed and batched.
 
-1. `WorkStream.call(op, request, timeout_s)` (op: "add_decode", "prefill", "generate", "abort")
-   adds a WorkItem with a fresh call id to the batch being gathered and awaits the reply with that
-   id. Every item added in one event-loop turn (and while the previous write is in flight) leaves
-   in ONE WorkBatch message: per request clsd pays a protobuf item, not a unary gRPC call.
+1. `WorkStream.call(request, timeout_s)` (an AddDecode, Prefill, Generate or Abort request; the
+   message's type is the op, proto/work_items.py) adds a WorkItem with a fresh call id to the
+   batch being gathered and awaits the reply with that id. Every item added in one event-loop turn
+   (and while the previous write is in flight) leaves in ONE WorkBatch message: per request clsd
+   pays a protobuf item, not a unary gRPC call.
 2. The stream opens on the first call and stays open; a writer task sends the batches, a reader
    task resolves the waiting calls from the WorkResults that come back (a nonzero code becomes a
    `WorkError` with that status).
@@ -21,9 +22,11 @@ import itertools
 import logging
 
 import grpc
+from google.protobuf.message import Message
 
 from proto import mlsd_pb2 as mpb
 from proto import mlsd_pb2_grpc
+from proto.work_items import REPLY_TYPE, result_reply, work_item
 
 log = logging.getLogger("clsd.work")
 
@@ -47,7 +50,7 @@ class WorkError(Exception):
 class WorkStream:
     def __init__(self, stub: mlsd_pb2_grpc.MachineServiceStub, machine_id: str):
         self.stub, self.machine_id = stub, machine_id
-        self._pending: dict[int, tuple[str, asyncio.Future]] = {}
+        self._pending: dict[int, tuple[type[Message], asyncio.Future]] = {}  # expected reply type
         self._ids = itertools.count(1)
         self._batch = mpb.WorkBatch()
         self._wake = asyncio.Event()
@@ -56,7 +59,7 @@ class WorkStream:
         self._closed = False
         self.num_batches = self.num_items = 0
 
-    async def call(self, op: str, request, timeout_s: float):
+    async def call(self, request: Message, timeout_s: float) -> Message:
         """Sends one item and returns its reply message; raises WorkError."""
         if self._closed:
             raise WorkError(grpc.StatusCode.UNAVAILABLE, f"machine {self.machine_id} left")
@@ -64,8 +67,8 @@ class WorkStream:
             self._open()
         call_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
-        self._pending[call_id] = (op, fut)
-        getattr(self._batch.items.add(call_id=call_id), op).CopyFrom(request)
+        self._pending[call_id] = (REPLY_TYPE[type(request)], fut)
+        self._batch.items.append(work_item(call_id, request))
         self._wake.set()
         try:
             async with asyncio.timeout(timeout_s):
@@ -120,11 +123,15 @@ class WorkStream:
                     entry = self._pending.get(r.call_id)
                     if entry is None or entry[1].done():
                         continue  # the caller gave up (deadline, cancellation) meanwhile
-                    op, fut = entry
+                    reply_type, fut = entry
+                    reply = result_reply(r)
                     if r.code:
                         fut.set_exception(WorkError(_CODES.get(r.code, grpc.StatusCode.UNKNOWN), r.message))
+                    elif not isinstance(reply, reply_type):
+                        fut.set_exception(WorkError(grpc.StatusCode.INTERNAL, f"expected a "
+                                                    f"{reply_type.__name__}, got {type(reply).__name__}"))
                     else:
-                        fut.set_result(getattr(r, op))
+                        fut.set_result(reply)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():

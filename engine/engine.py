@@ -18,10 +18,9 @@ The caller (a machine scheduler, or `engine.llm.LLM`) decides which requests run
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from engine.backend import KVExportHook
 from engine.config import EngineConfig
 from engine.kv_cache import KVCache, KVCacheExhausted
 from engine.memory import kv_cache_num_blocks
@@ -32,26 +31,30 @@ from engine.sequence import InvalidRequestError, SamplingParams, SeqStatus, Sequ
 from engine.tokenizer import Tokenizer
 from engine.weights import load_weights
 
-# Export hook: called after layer i of a prefill with one (sequence, kv) per request.
-# The transport-neutral layout of kv: [tokens, 2, num_kv_heads, head_dim], contiguous, in the
-# model dtype, tokens in prompt position order, index 0 of the second axis K and 1 V. It is the
-# cache's own per-token layout, so a receiver can write it into its blocks with plain copies.
-KVExportHook = Callable[[int, list[tuple[Sequence, torch.Tensor]]], None]
+# The export hook (engine.backend.KVExportHook): the transport-neutral layout of kv is
+# [tokens, 2, num_kv_heads, head_dim], contiguous, in the model dtype, tokens in prompt position
+# order, index 0 of the second axis K and 1 V. It is the cache's own per-token layout, so a
+# receiver can write it into its blocks with plain copies.
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, load_model: bool = True):
+        """`load_model=False`: the checkpoint's config only, no tokenizer and no weights (the
+        modelled backend, engine/modelled_engine.py, which runs no model)."""
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         mc = self.model_config
         self.device, self.dtype = config.torch_device, config.torch_dtype
-        if config.num_threads:
+        if config.num_threads and load_model:
             torch.set_num_threads(config.num_threads)
         self.max_model_len = _max_model_len(mc, config.max_model_len)
-        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.model)
-        weights = load_weights(config.model, mc, self.dtype, self.device)
-        self.weight_bytes = weights.num_bytes
-        self.model = LlamaModel(mc, weights, self.max_model_len)
+        self.tokenizer = self.model = None
+        self.weight_bytes = 0
+        if load_model:
+            self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(config.model)
+            weights = load_weights(config.model, mc, self.dtype, self.device)
+            self.weight_bytes = weights.num_bytes
+            self.model = LlamaModel(mc, weights, self.max_model_len)
         self.kv = self._build_kv_cache()
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -121,6 +124,24 @@ class Engine:
     @property
     def num_blocks(self) -> int:
         return self.kv.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.kv.block_size
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.config.max_num_seqs
+
+    @property
+    def dtype_name(self) -> str:
+        """The KV's dtype as the wire header names it ("bfloat16", "float32", ...)."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes of one token over all layers."""
+        return self.model_config.kv_bytes_per_token(self.kv.tensor.element_size())
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -198,6 +219,27 @@ class Engine:
         cache = self.kv.tensor[layer]
         return [cache[b * bs: b * bs + min(bs, n - i * bs)]
                 for i, b in enumerate(seq.block_table[: -(-n // bs)])]
+
+    def import_span_pattern(self, seq: Sequence) -> tuple[list[tuple[int, int]], list[int]]:
+        """Where seq's prompt KV goes, as raw memory (host caches only): layer 0's
+        (address, nbytes) spans in prompt position order, adjacent blocks merged, and each
+        layer's address shift from them (one block table, a fixed layer stride). A receiver that
+        writes bytes (shared memory) places the export layout with it, block ids unseen."""
+        if self.device.type != "cpu":
+            raise InvalidRequestError("raw KV spans exist for host caches only")
+        self._check_import(seq, 0)
+        cache, bs, n = self.kv.tensor, self.kv.block_size, seq.prompt_len
+        token_bytes = cache.stride(1) * cache.element_size()
+        base = cache.data_ptr()
+        spans: list[tuple[int, int]] = []
+        for i, b in enumerate(seq.block_table[: -(-n // bs)]):
+            off, size = base + b * bs * token_bytes, min(bs, n - i * bs) * token_bytes
+            if spans and spans[-1][0] + spans[-1][1] == off:
+                spans[-1] = (spans[-1][0], spans[-1][1] + size)
+            else:
+                spans.append((off, size))
+        layer_bytes = cache.stride(0) * cache.element_size()
+        return spans, [i * layer_bytes for i in range(cache.shape[0])]
 
     def _check_import(self, seq: Sequence, layer: int) -> None:
         if not 0 <= layer < self.model_config.num_layers:

@@ -18,7 +18,7 @@ from engine.model_config import AttentionSizes
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct" / "config.json"
 
 
-def _check_count(name: str, value, minimum: int) -> None:
+def check_count(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
@@ -164,7 +164,7 @@ LINKS = {
 }
 
 
-def _hardware(hardware: Hardware | str) -> Hardware:
+def get_hardware(hardware: Hardware | str) -> Hardware:
     if isinstance(hardware, Hardware):
         return hardware
     if hardware not in HARDWARE:
@@ -189,10 +189,10 @@ def kv_capacity_tokens(shape: ModelShape, hardware: Hardware | str, tensor_paral
                        kv_dtype_bytes: int = 2) -> int:
     """Tokens of KV that fit beside the weights in memory_fraction of the GPUs' memory
     (activation headroom not subtracted)."""
-    _check_count("tensor_parallel", tensor_parallel, 1)
+    check_count("tensor_parallel", tensor_parallel, 1)
     if not 0 < memory_fraction <= 1:
         raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
-    hw = _hardware(hardware)
+    hw = get_hardware(hardware)
     free_per_gpu = (hw.mem_bytes * memory_fraction
                     - shape.weight_bytes(weight_dtype_bytes) / tensor_parallel)
     if free_per_gpu <= 0:
@@ -206,8 +206,8 @@ def kv_transfer_s(num_tokens: int, shape: ModelShape, link_bytes_s: float, layer
                   prefill_s: float, tensor_parallel: int = 1, dtype_bytes: int = 2) -> float:
     """Seconds the KV of `num_tokens` prompt tokens keeps arriving after the prefill ends (the
     transfer time not hidden behind the prefill), over a link of `link_bytes_s` per GPU."""
-    _check_count("num_tokens", num_tokens, 0)
-    _check_count("tensor_parallel", tensor_parallel, 1)
+    check_count("num_tokens", num_tokens, 0)
+    check_count("tensor_parallel", tensor_parallel, 1)
     if not link_bytes_s > 0 or not prefill_s >= 0:
         raise ValueError(f"link_bytes_s must be > 0 and prefill_s >= 0, got {link_bytes_s!r}, "
                          f"{prefill_s!r}")

@@ -69,8 +69,8 @@ from engine.machine_shapes import (  # noqa: F401
     MODEL_SHAPES,
     Hardware,
     ModelShape,
-    _check_count,
-    _hardware,
+    check_count,
+    get_hardware,
     get_shape,
     kv_bytes_per_token,
     kv_capacity_tokens,
@@ -99,33 +99,33 @@ class LatencyModel(ABC):
 
     def prefill_s(self, batch_tokens: int, batch_size: int = 1) -> float:
         """One prefill step over `batch_size` whole prompts of `batch_tokens` tokens in all."""
-        _check_count("batch_size", batch_size, 1)
-        _check_count("batch_tokens", batch_tokens, batch_size)
+        check_count("batch_size", batch_size, 1)
+        check_count("batch_tokens", batch_tokens, batch_size)
         return self._prefill_s(batch_tokens, batch_size)
 
     def decode_s(self, batch_size: int, context_tokens: int | None = None) -> float:
         """One decode step: one token for each of `batch_size` requests, which attend to
         `context_tokens` cached tokens in all (default DEFAULT_CONTEXT_TOKENS_PER_REQUEST each)."""
-        _check_count("batch_size", batch_size, 1)
+        check_count("batch_size", batch_size, 1)
         if context_tokens is None:
             context_tokens = batch_size * DEFAULT_CONTEXT_TOKENS_PER_REQUEST
-        _check_count("context_tokens", context_tokens, 0)
+        check_count("context_tokens", context_tokens, 0)
         return self._decode_s(batch_size, context_tokens)
 
     def mixed_s(self, prefill_tokens: int, num_prefills: int, num_decodes: int,
                 decode_context_tokens: int | None = None) -> float:
         """One step that prefills `num_prefills` prompts (`prefill_tokens` in all) and decodes
         `num_decodes` requests (colocated or chunked-prefill batching)."""
-        _check_count("num_prefills", num_prefills, 0)
-        _check_count("num_decodes", num_decodes, 0)
-        _check_count("prefill_tokens", prefill_tokens, num_prefills)
+        check_count("num_prefills", num_prefills, 0)
+        check_count("num_decodes", num_decodes, 0)
+        check_count("prefill_tokens", prefill_tokens, num_prefills)
         if num_decodes == 0:
             return self.prefill_s(prefill_tokens, num_prefills)
         if num_prefills == 0:
             return self.decode_s(num_decodes, decode_context_tokens)
         if decode_context_tokens is None:
             decode_context_tokens = num_decodes * DEFAULT_CONTEXT_TOKENS_PER_REQUEST
-        _check_count("decode_context_tokens", decode_context_tokens, 0)
+        check_count("decode_context_tokens", decode_context_tokens, 0)
         return self._mixed_s(prefill_tokens, num_prefills, num_decodes, decode_context_tokens)
 
     @abstractmethod
@@ -280,7 +280,7 @@ class RooflineLatencyModel(LatencyModel):
     def __init__(self, shape: ModelShape | str, hardware: Hardware | str, tensor_parallel: int = 1,
                  *, compute_efficiency: float = 1.0, memory_efficiency: float = 1.0,
                  step_overhead_s: float = 0.0, weight_dtype_bytes: int = 2, kv_dtype_bytes: int = 2):
-        _check_count("tensor_parallel", tensor_parallel, 1)
+        check_count("tensor_parallel", tensor_parallel, 1)
         for name, eff in (("compute_efficiency", compute_efficiency),
                           ("memory_efficiency", memory_efficiency)):
             if not 0 < eff <= 1:
@@ -288,7 +288,7 @@ class RooflineLatencyModel(LatencyModel):
         if not step_overhead_s >= 0:
             raise ValueError(f"step_overhead_s must be >= 0, got {step_overhead_s!r}")
         self.shape = shape if isinstance(shape, ModelShape) else get_shape(shape)
-        self.hardware = _hardware(hardware)
+        self.hardware = get_hardware(hardware)
         self.tensor_parallel = tensor_parallel
         self.step_overhead_s = step_overhead_s
         self.weight_dtype_bytes = weight_dtype_bytes

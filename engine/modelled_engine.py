@@ -25,9 +25,9 @@ from array import array
 
 import torch
 
+from engine.backend import KVExportHook
 from engine.config import EngineConfig
-from engine.engine import Engine, KVExportHook, _max_model_len
-from engine.model_config import ModelConfig
+from engine.engine import Engine
 from engine.modelled import LatencyModel
 from engine.sequence import SeqStatus, Sequence
 
@@ -39,15 +39,8 @@ class ModelledEngine(Engine):
     def __init__(self, config: EngineConfig, latency: LatencyModel, time_scale: float = 1.0):
         if not time_scale > 0:
             raise ValueError(f"time_scale must be > 0, got {time_scale}")
-        self.config, self.latency, self.time_scale = config, latency, time_scale
-        self.model_config = mc = ModelConfig.from_dir(config.model)
-        self.device, self.dtype = config.torch_device, config.torch_dtype
-        self.max_model_len = _max_model_len(mc, config.max_model_len)
-        self.tokenizer = None
-        self.model = None
-        self.weight_bytes = 0
-        self.kv = self._build_kv_cache()
-        self.eos_token_ids = set(mc.eos_token_ids)
+        super().__init__(config, load_model=False)
+        self.latency, self.time_scale = latency, time_scale
         self.step_seconds = 0.0
         """Modelled seconds slept so far (after time_scale)."""
 

@@ -4,7 +4,7 @@
    transport (any machine may prefill for another or decode for another: the configured role is
    only its home pool), the worker thread and the gRPC server (MachineService + health), starts
    the metrics endpoint, prints one READY line (JSON with the bound ports) and tells systemd
-   READY=1.
+   READY=1 (daemon/lifecycle.py, shared with clsd).
 2. While serving, a watchdog task sends WATCHDOG=1 as long as the worker thread is alive, and,
    when `cls_address` is set, a registration task holds the machine's lease in clsd's registry
    (mls/registration.py).
@@ -16,19 +16,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import signal
 import sys
 import time
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from daemon.lifecycle import Lifecycle, start_metrics_endpoint, wait_idle
+from daemon.settings import load_daemon_config
 from engine.config import EngineConfig
 from engine.engine import Engine
-from mls import sdnotify
-from mls.config import MlsConfig, load_daemon_config
+from mls.config import MlsConfig
 from mls.kv.factory import make_endpoints
 from mls.metrics import MlsMetrics
 from mls.registration import Registration
@@ -68,39 +66,26 @@ async def serve(cfg: MlsConfig) -> int:
                                       early_connect_wait_s=kt.early_connect_wait_s)
     kv_address = receiver.address()
     metrics = MlsMetrics(cfg.machine_id, cfg.role)
-    metrics_port = None
-    if cfg.metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=metrics.registry)
-        metrics_port = httpd.server_port
+    metrics_port = start_metrics_endpoint(cfg.metrics_port, cfg.host, metrics.registry)
 
     service_box: list[MachineService] = []
-    worker = EngineWorker(engine, cfg, lambda t, e: service_box[0].emit(t, e), metrics,
+    worker = EngineWorker(engine, cfg, lambda out: service_box[0].emit(out), metrics,
                           receiver=receiver, sender=sender)
     service = MachineService(cfg, engine, worker, kv_address)
     service_box.append(service)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 2**20)])
     mlsd_pb2_grpc.add_MachineServiceServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    lifecycle = Lifecycle(server, ("", SERVICE_NAME))
     port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
     await server.start()
     worker.start()
-    for name in ("", SERVICE_NAME):
-        await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.SERVING)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(json.dumps({"event": "READY", "machine_id": cfg.machine_id, "role": cfg.role,
-                      "grpc_port": port, "metrics_port": metrics_port,
-                      "kv_address": kv_address.hex()}), flush=True)
+    # WATCHDOG=1 only while the worker thread lives: a dead engine thread gets the unit restarted.
+    await lifecycle.serving({"machine_id": cfg.machine_id, "role": cfg.role, "grpc_port": port,
+                             "metrics_port": metrics_port, "kv_address": kv_address.hex()},
+                            cfg.watchdog_interval_s, alive=lambda: worker.alive)
     log.info("%s (%s) serving on %s:%d after %.1f s; KV %d blocks of %d tokens", cfg.machine_id,
              cfg.role, cfg.host, port, time.monotonic() - t0, engine.num_blocks, engine.kv.block_size)
-    sdnotify.notify("READY=1")
-    watchdog = asyncio.create_task(_watchdog(worker, cfg))
     registration: Registration | None = None
     registration_task: asyncio.Task | None = None
     if cfg.cls_address is not None:
@@ -111,23 +96,18 @@ async def serve(cfg: MlsConfig) -> int:
                                     healthy=lambda: worker.alive)
         registration_task = asyncio.create_task(registration.run())
 
-    await stop.wait()
+    await lifecycle.stop.wait()
     log.info("draining: finishing %d in-flight requests", len(worker.requests))
     service.draining = True
     if registration is not None:
         registration.report_now()  # clsd stops routing here at once, not a heartbeat later
-    for name in ("", SERVICE_NAME):
-        await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    sdnotify.notify("STOPPING=1")
-    deadline = time.monotonic() + cfg.drain_timeout_s
-    while not worker.idle and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    if not worker.idle:
+    await lifecycle.draining()
+    if not await wait_idle(lambda: worker.idle, cfg.drain_timeout_s):
         log.warning("drain timed out with %d requests in flight", len(worker.requests))
     # One more worker turn: the events of the last finished requests reach the streams first.
     await asyncio.wait_for(asyncio.wrap_future(worker.submit(lambda: None)), 5.0)
     await asyncio.sleep(0)
-    watchdog.cancel()
+    lifecycle.close()
     if registration_task is not None:  # clsd has seen draining=true (or the RPC deadline passed)
         await registration.reported()
         registration_task.cancel()
@@ -139,20 +119,6 @@ async def serve(cfg: MlsConfig) -> int:
     sender.close()
     log.info("stopped")
     return 0
-
-
-async def _set_health(servicer, name: str, status) -> None:
-    result = servicer.set(name, status)
-    if asyncio.iscoroutine(result):
-        await result
-
-
-async def _watchdog(worker: EngineWorker, cfg: MlsConfig) -> None:
-    interval = sdnotify.watchdog_interval_s() or cfg.watchdog_interval_s
-    while True:
-        await asyncio.sleep(interval)
-        if worker.alive:
-            sdnotify.notify("WATCHDOG=1")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,7 @@ class Registration:
             try:
                 await asyncio.wait_for(self._answered.wait_for(lambda: self._num_answered >= self._wanted),
                                        self.rpc_timeout_s if timeout_s is None else timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
         return True
 
@@ -130,7 +130,7 @@ class Registration:
     async def _sleep(self, delay_s: float) -> None:
         try:
             await asyncio.wait_for(self._wake.wait(), delay_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         self._wake.clear()
 

@@ -20,7 +20,8 @@ import grpc
 from engine.engine import Engine
 from engine.sequence import SamplingParams
 from mls.config import MlsConfig
-from mls.requests import Aborted, BadRequest, Draining, Failed, MlsError, Overloaded
+from mls.errors import Aborted, BadRequest, Draining, Failed, MlsError, Overloaded
+from mls.events import EventKind, TurnOutput
 from mls.work import WorkServer
 from mls.worker import EngineWorker
 from proto import mlsd_pb2 as pb
@@ -32,8 +33,7 @@ STATUS = {BadRequest: grpc.StatusCode.INVALID_ARGUMENT, Overloaded: grpc.StatusC
           Draining: grpc.StatusCode.UNAVAILABLE, Aborted: grpc.StatusCode.CANCELLED,
           Failed: grpc.StatusCode.INTERNAL}
 ROLES = {"prompt": pb.PROMPT, "token": pb.TOKEN, "mixed": pb.MIXED}
-EVENT_KINDS = {"RESERVED": pb.RequestEvent.RESERVED, "FINISHED": pb.RequestEvent.FINISHED,
-               "FAILED": pb.RequestEvent.FAILED, "ABORTED": pb.RequestEvent.ABORTED}
+EVENT_KINDS = {k: pb.RequestEvent.Kind.Value(k.name) for k in EventKind}  # the one conversion
 SUBSCRIBER_QUEUE_LEN = 4096
 
 
@@ -86,9 +86,9 @@ class MachineService(mlsd_pb2_grpc.MachineServiceServicer):
         return await _unary(self._abort(request), context)
 
     async def Work(self, request_iterator, context) -> None:
-        ops = {"prefill": self._prefill, "add_decode": self._add_decode,
-               "generate": self._generate, "abort": self._abort}
-        server = WorkServer(lambda op, r: ops[op](r), lambda e: STATUS.get(type(e)))
+        handlers = {pb.PrefillRequest: self._prefill, pb.AddDecodeRequest: self._add_decode,
+                    pb.GenerateRequest: self._generate, pb.AbortRequest: self._abort}
+        server = WorkServer(lambda r: handlers[type(r)](r), lambda e: STATUS.get(type(e)))
         self._work_servers.add(server)
         try:
             await server.serve(request_iterator, context)
@@ -137,15 +137,17 @@ class MachineService(mlsd_pb2_grpc.MachineServiceServicer):
 
     # -- events -------------------------------------------------------------------------------
 
-    def emit(self, tokens: list[tuple], events: list[tuple]) -> None:
+    def emit(self, out: TurnOutput) -> None:
         """Called on the worker thread once per turn."""
-        self._loop.call_soon_threadsafe(self._broadcast, tokens, events)
+        self._loop.call_soon_threadsafe(self._broadcast, out)
 
-    def _broadcast(self, tokens: list[tuple], events: list[tuple]) -> None:
+    def _broadcast(self, out: TurnOutput) -> None:
         msg = pb.MachineEvents(
-            tokens=[pb.TokenDelta(request_id=r, index=i, token_id=t) for r, i, t in tokens],
-            events=[pb.RequestEvent(request_id=r, kind=EVENT_KINDS[k], finish_reason=fr, message=m,
-                                    num_output_tokens=n) for r, k, fr, m, n in events])
+            tokens=[pb.TokenDelta(request_id=t.request_id, index=t.index, token_id=t.token_id)
+                    for t in out.tokens],
+            events=[pb.RequestEvent(request_id=e.request_id, kind=EVENT_KINDS[e.kind],
+                                    finish_reason=e.finish_reason, message=e.message,
+                                    num_output_tokens=e.num_output_tokens) for e in out.events])
         for sub in list(self._subscribers):
             try:
                 sub.queue.put_nowait(msg)

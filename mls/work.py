@@ -3,9 +3,10 @@
 `WorkServer(run, status_of).serve(request_iterator, context)` serves one stream until the caller
 half-closes it (and every item is answered), the caller goes away, or `close()` (the machine is
 shutting down: the stream ends once the items in hand are answered):
-1. Each WorkItem is handed to `run(op, request)` in arrival order (op: "add_decode", "prefill",
-   "generate", "abort"). `run` returns the reply message at once, or an awaitable of it, which
-   runs as a task so a slow item (a prefill) never holds up the items behind it.
+1. Each WorkItem's request (an AddDecode, Prefill, Generate or Abort message, unwrapped by
+   proto/work_items.py) is handed to `run(request)` in arrival order. `run` returns the reply
+   message at once, or an awaitable of it, which runs as a task so a slow item (a prefill) never
+   holds up the items behind it.
 2. Replies, and failures as (status code, message) with `status_of(exc)` naming the code (None:
    INTERNAL, logged), gather in one WorkResults message, written whenever the previous write is
    done: everything answered meanwhile goes out together.
@@ -23,6 +24,7 @@ from collections.abc import Callable
 import grpc
 
 from proto import mlsd_pb2 as pb
+from proto.work_items import item_request, work_result
 
 log = logging.getLogger("mlsd.work")
 
@@ -72,23 +74,23 @@ class WorkServer:
             self._ready.set()
 
     def _take(self, item: pb.WorkItem) -> None:
-        op = item.WhichOneof("op")
-        if op is None:
+        request = item_request(item)
+        if request is None:
             return self._fail(item.call_id, grpc.StatusCode.INVALID_ARGUMENT, "work item has no op")
         if self._closing:
             return self._fail(item.call_id, grpc.StatusCode.UNAVAILABLE, "machine is shutting down")
         try:
-            res = self.run(op, getattr(item, op))
+            res = self.run(request)
         except Exception as e:  # noqa: BLE001 - a bad item fails alone
             return self._failed(item.call_id, e)
         if inspect.isawaitable(res):
-            self._tasks[item.call_id] = asyncio.create_task(self._finish(item.call_id, op, res))
+            self._tasks[item.call_id] = asyncio.create_task(self._finish(item.call_id, res))
         else:
-            self._reply(item.call_id, op, res)
+            self._reply(item.call_id, res)
 
-    async def _finish(self, call_id: int, op: str, awaitable) -> None:
+    async def _finish(self, call_id: int, awaitable) -> None:
         try:
-            self._reply(call_id, op, await awaitable)
+            self._reply(call_id, await awaitable)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
@@ -97,8 +99,8 @@ class WorkServer:
             self._tasks.pop(call_id, None)
             self._ready.set()
 
-    def _reply(self, call_id: int, op: str, reply) -> None:
-        getattr(self._batch.results.add(call_id=call_id), op).CopyFrom(reply)
+    def _reply(self, call_id: int, reply) -> None:
+        self._batch.results.append(work_result(call_id, reply))
         self._ready.set()
 
     def _fail(self, call_id: int, code: grpc.StatusCode, message: str) -> None:

@@ -1,85 +1,73 @@
-"""The engine worker: one thread owns the engine and loops schedule -> engine step -> update.
+"""The engine worker: one thread owns the engine and loops plan -> run -> update -> publish.
 
-Every machine takes every kind of work: its configured role is only its home pool, and the
-cluster scheduler may lend it to another pool at run time. Life cycle of a request through it:
-1. The gRPC service submits a command (`add_prefill`, `add_decode`, `add_generate`, `abort`);
-   it runs on the worker thread at the top of the next loop turn and resolves a
-   concurrent.futures.Future the service awaits. The engine is only ever touched here.
-2. Prefill (prompt work): the PromptScheduler forms FCFS batches under the token cap; the prefill
-   exports each layer to the KV sender while later layers compute (layerwise) or after it
-   (serialized); the first token resolves the Prefill future, and the blocks are freed at once.
-3. AddDecode (token work): the TokenScheduler reserves blocks FCFS (RESERVED event), the KV
-   receiver fills them, and a request whose transfer is DONE joins the decode batch; a FAILED
-   transfer (peer dead or hung past the deadline) frees the blocks and ends the request FAILED.
-4. Generate (colocated work): the MixedScheduler prefills it locally, then it decodes here; with
-   `scheduler.mixed_policy: prompt_first` whole prompts run first, with `chunked` every step
-   carries the decodes plus prompt chunks under `scheduler.max_num_batched_tokens`.
-5. One turn (`_run`) serves all three: admit decodes, one prompt batch, then either the mixed
-   plan's prefill and ONE decode call for every request that is decoding, token and mixed alike
-   (prompt_first), or ONE mixed step of every decode and the plan's prompt chunks (chunked).
-   Token and mixed reservations share one BlockBudget (one KV pool per machine); a prompt batch
-   uses the engine's actual free blocks, since its blocks are freed in the same turn.
-6. Each turn ends by publishing the turn's tokens and events as one message (`emit`).
-7. An idle worker sleeps on its condition variable; a command or a received transfer ending
-   (the receiver's `on_ended`) wakes it at once.
-
-Each path's steps are in their own file, mixed into EngineWorker: mls/worker_prompt.py (2),
-mls/worker_token.py (3), mls/worker_mixed.py (4); this file holds the loop, the commands and
-what every path shares (adding, aborting, failing, publishing).
+Every machine takes every kind of work (`WorkKind`: prompt, token, mixed): its configured role is
+only its home pool, and the cluster scheduler may lend it to another pool at run time. Life cycle
+of a request through it:
+1. The gRPC service submits a command (`add_prefill`, `add_decode`, `add_generate`, `abort`); it
+   runs on the worker thread at the top of the next turn and resolves a concurrent.futures.Future
+   the service awaits. The engine is only ever touched on this thread.
+2. `add` makes the request's one record (`MachineRequest`: status, kind, sequence, RPC state) and
+   queues its job with the `MachineScheduler` (mls/policy/machine.py).
+3. A turn (`turn`): the runner polls transfers in flight (KV arrived or failed; sends done); the
+   scheduler plans (`plan`: token admissions, a prompt batch, the mixed prefill or chunks, the
+   decodes); the runner executes the plan on the engine (mls/runner.py); the scheduler and the
+   records take the result (`update`): tokens out, finished and failed requests ended.
+4. The turn ends by publishing its tokens and events as one `TurnOutput` (`emit`).
+5. An idle worker sleeps on its condition variable; a command or a received transfer ending (the
+   receiver's `on_ended`) wakes it at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from engine.engine import Engine
+from engine.backend import EngineBackend
 from engine.sequence import InvalidRequestError, SamplingParams, SeqStatus
 from mls.config import MlsConfig
+from mls.errors import Aborted, BadRequest, Failed, Overloaded, resolve
+from mls.events import EventKind, RequestEvent, TokenOut, TurnOutput
 from mls.kv.base import KVReceiver, KVSender
 from mls.metrics import MlsMetrics
-from mls.policy import BlockBudget, Job, MixedScheduler, PromptScheduler, QueueFull, TokenScheduler
-from mls.requests import Aborted, BadRequest, Failed, MlsRequest, Overloaded, resolve
-from mls.worker_mixed import ColocatedWork
-from mls.worker_prompt import PromptWork
-from mls.worker_token import TokenWork
+from mls.policy import Job, MachineScheduler, QueueFull, TurnPlan, TurnResult, WorkKind
+from mls.request import MachineRequest, RequestStatus
+from mls.runner import EngineRunner
 
 log = logging.getLogger("mlsd.worker")
 
-FINISH_REASONS = {SeqStatus.FINISHED_STOPPED: "stop", SeqStatus.FINISHED_LENGTH: "length"}
-# Events published per turn: (tokens [(request_id, index, token_id)], events [(request_id, kind,
-# finish_reason, message, num_output_tokens)]).
-EmitFn = Callable[[list[tuple], list[tuple]], None]
+FINISHED = {SeqStatus.FINISHED_STOPPED: ("stop", RequestStatus.FINISHED_STOPPED),
+            SeqStatus.FINISHED_LENGTH: ("length", RequestStatus.FINISHED_LENGTH)}
+EmitFn = Callable[[TurnOutput], None]
 POLL_S = 0.02  # how often an idle turn looks at transfers in flight (deadlines, finished sends)
+_IN_FLIGHT = (RequestStatus.RECEIVING_KV, RequestStatus.SENDING_KV)
 
 
-class EngineWorker(PromptWork, TokenWork, ColocatedWork):
-    def __init__(self, engine: Engine, cfg: MlsConfig, emit: EmitFn, metrics: MlsMetrics,
+class EngineWorker:
+    def __init__(self, engine: EngineBackend, cfg: MlsConfig, emit: EmitFn, metrics: MlsMetrics,
                  receiver: KVReceiver, sender: KVSender):
         self.engine, self.cfg = engine, cfg
         self._emit, self.metrics = emit, metrics
-        self.receiver, self.sender = receiver, sender
-        bs, n = engine.kv.block_size, engine.num_blocks
+        self.receiver = receiver
         sc = cfg.scheduler
-        budget = BlockBudget(n)  # one KV pool: token and mixed reservations never double-count
-        self.prompt_policy = PromptScheduler(sc.prompt_token_cap, sc.max_queue_len)
-        self.token_policy = TokenScheduler(n, bs, engine.config.max_num_seqs, sc.max_queue_len,
-                                           budget=budget)
-        self.mixed_policy = MixedScheduler(n, bs, sc.prompt_token_cap, engine.config.max_num_seqs,
-                                           sc.max_queue_len, budget=budget, policy=sc.mixed_policy,
-                                           max_num_batched_tokens=sc.max_num_batched_tokens)
-        self.requests: dict[str, MlsRequest] = {}
-        self._receiving: dict[str, MlsRequest] = {}
-        self._sending: dict[str, MlsRequest] = {}
+        self.scheduler = MachineScheduler(
+            engine.num_blocks, engine.block_size, prompt_token_cap=sc.prompt_token_cap,
+            max_num_seqs=engine.max_num_seqs, max_queue_len=sc.max_queue_len,
+            mixed_policy=sc.mixed_policy, max_num_batched_tokens=sc.max_num_batched_tokens)
+        self.runner = EngineRunner(engine, cfg, metrics, receiver, sender)
+        self.requests: dict[str, MachineRequest] = {}
+        """Every request this machine holds, in any status but ended: the one record of each."""
+        self.on_plan: Callable[[TurnPlan], None] | None = None
+        """Sees every plan (tests compare them with the simulator's)."""
         self._cmds: list[Callable[[], None]] = []
         self._cv = threading.Condition()
         self._kv_ended = False  # a transfer ended: the next turn polls it at once
         self._stop = False
-        self._tokens: list[tuple] = []
-        self._events: list[tuple] = []
+        self._out = TurnOutput()
+        self._new_token_work: list[MachineRequest] = []  # added this turn: AddDecode's answer
         self.last_turn_s = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         if receiver is not None:
@@ -102,7 +90,7 @@ class EngineWorker(PromptWork, TokenWork, ColocatedWork):
 
     @property
     def idle(self) -> bool:
-        return not self.requests and not self._sending
+        return not self.requests
 
     def _transfer_ended(self, _request_id: str) -> None:
         with self._cv:
@@ -124,19 +112,23 @@ class EngineWorker(PromptWork, TokenWork, ColocatedWork):
         return fut
 
     def add_prefill(self, request_id, prompt, params, kv_address: bytes, timeout_s: float) -> Future:
+        """Prompt work; the future resolves to a PrefillResult once the prefill ran."""
         result: Future = Future()
-        accepted = self.submit(self._add, "prefill", request_id, prompt, params, result,
+        accepted = self.submit(self._add, WorkKind.PROMPT, request_id, prompt, params, result,
                                kv_address, timeout_s)
         return _chain(accepted, result)
 
     def add_decode(self, request_id, prompt, params, timeout_s: float) -> Future:
+        """Token work; the future resolves to whether its blocks are reserved now (if not, a
+        RESERVED event follows once they are)."""
         result: Future = Future()
-        accepted = self.submit(self._add, "decode", request_id, prompt, params, result, b"",
+        accepted = self.submit(self._add, WorkKind.TOKEN, request_id, prompt, params, result, b"",
                                timeout_s)
         return _chain(accepted, result)
 
     def add_generate(self, request_id, prompt, params) -> Future:
-        return self.submit(self._add, "generate", request_id, prompt, params, None, b"", 0.0)
+        """Mixed work; the future resolves once it is queued."""
+        return self.submit(self._add, WorkKind.MIXED, request_id, prompt, params, None, b"", 0.0)
 
     def abort(self, request_id: str) -> Future:
         return self.submit(self._abort, request_id)
@@ -144,38 +136,45 @@ class EngineWorker(PromptWork, TokenWork, ColocatedWork):
     # -- the loop (worker thread) -------------------------------------------------------------
 
     def _run(self) -> None:
-        """The hot loop: one turn serves every kind of work the machine holds."""
         while (cmds := self._wait_for_work()) is not None:
-            for cmd in cmds:
-                cmd()
+            self.turn(cmds)
+
+    def turn(self, cmds: list[Callable[[], None]] | None = None) -> TurnPlan | None:
+        """One turn: the commands, then plan -> run -> update, then publish. Returns the plan
+        (None if the turn failed before planning). Worker thread only (or a test driving turns
+        by hand on a worker it did not start)."""
+        if cmds is None:
+            with self._cv:
+                cmds, self._cmds = self._cmds, []
+        for cmd in cmds:
+            cmd()
+        plan, res = None, TurnResult()
+        try:
+            self._update(self.runner.poll_transfers(self.requests))
+            plan = self.scheduler.plan(self.engine.num_free_blocks)
+            if self.on_plan is not None:
+                self.on_plan(plan)
+            self._answer_token_work(plan)
+            self.runner.run(plan, self.requests, res)
+            self._update(res)
+        except Exception:  # a bug must not kill the machine silently
+            log.exception("engine turn failed; failing the requests of this turn")
             try:
-                self._poll_receives()  # KV arrived (joins the decode batch) or failed
-                self._poll_sends()
-                self._admit_decodes()  # token work: reserve blocks FCFS; the KV may start to arrive
-                self._prompt_step()  # prompt work: one batch; its KV leaves, its blocks come back
-                if self.mixed_policy.chunked:  # colocated work: decodes + prompt chunks, one step
-                    plan = self.mixed_policy.schedule(len(self.token_policy.ready))
-                    decoding = [*self.token_policy.ready, *plan.decode]
-                    self._mixed_step([self.requests[i] for i in decoding], plan.chunks)
-                else:  # colocated work: prompts first
-                    plan = self.mixed_policy.schedule()
-                    if plan.prefill:
-                        self._local_prefill([self.requests[j.request_id] for j in plan.prefill])
-                    decoding = [*self.token_policy.ready, *plan.decode]  # ONE decode call for all
-                    self._decode_step([self.requests[i] for i in decoding])
-            except Exception:  # a bug must not kill the machine silently
-                log.exception("engine step failed; failing the requests of this step")
+                self._update(res)  # what happened before the failure (reservations, tokens)
+            finally:
                 self._fail_all_running("internal error in the engine step")
-            self._publish()
-            self.last_turn_s = time.monotonic()
+        self._publish()
+        self.last_turn_s = time.monotonic()
+        return plan
 
     def _wait_for_work(self) -> list[Callable[[], None]] | None:
         """The commands to run this turn, once there is something to do; None to stop."""
         with self._cv:
-            while not (self._cmds or self._stop or self._kv_ended or self._runnable()):
+            while not (self._cmds or self._stop or self._kv_ended
+                       or self.scheduler.runnable(self.engine.num_free_blocks)):
                 # A received transfer that ends wakes this at once (on_ended); transfers in flight
                 # are still looked at every POLL_S for deadlines and finished sends.
-                busy = self._receiving or self._sending
+                busy = any(r.status in _IN_FLIGHT for r in self.requests.values())
                 self._cv.wait(POLL_S if busy else 1.0)
                 if busy:
                     break
@@ -183,18 +182,39 @@ class EngineWorker(PromptWork, TokenWork, ColocatedWork):
             cmds, self._cmds, self._kv_ended = self._cmds, [], False
             return None if self._stop else cmds
 
-    def _runnable(self) -> bool:
-        """Whether a turn would do engine work now. Work waiting for memory waits for the turn or
-        the command that frees it, rather than spinning."""
-        tp, mp = self.token_policy, self.mixed_policy
-        return (bool(tp.ready) or bool(mp.running) or tp.can_admit() or mp.can_start()
-                or self.prompt_policy.can_start(self.engine.num_free_blocks, self.engine.kv.block_size))
+    def _answer_token_work(self, plan: TurnPlan) -> None:
+        """AddDecode answers "not reserved yet" for token work this plan did not admit (the
+        admitted ones are answered by the runner once their blocks are held)."""
+        admitted = {j.request_id for j in plan.admitted}
+        for r in self._new_token_work:
+            if r.request_id not in admitted and r.future is not None:
+                resolve(r.future, False)
+        self._new_token_work.clear()
 
-    # -- adding and aborting ------------------------------------------------------------------
+    def _update(self, res: TurnResult) -> None:
+        """The scheduler and the records take a result; its tokens and events go out."""
+        self.scheduler.update(res)
+        out = self._out
+        for rid in res.reserved:
+            out.events.append(RequestEvent(rid, EventKind.RESERVED))
+        for rid in res.generated:
+            tokens = self.requests[rid].seq.output_token_ids
+            out.tokens.append(TokenOut(rid, len(tokens) - 1, tokens[-1]))
+        for rid in res.finished:
+            r = self.requests.pop(rid)
+            reason, r.status = FINISHED[r.seq.status]
+            out.events.append(RequestEvent(rid, EventKind.FINISHED, finish_reason=reason,
+                                           num_output_tokens=len(r.seq.output_token_ids)))
+        for rid in res.failed:
+            self._fail(self.requests[rid], res.errors[rid])
+        for rid in res.sent:  # prompt work: the KV has left; nothing of it is held here
+            self.requests.pop(rid)
 
-    def _add(self, kind, request_id, prompt, params: SamplingParams, result, kv_address,
+    # -- adding, aborting, failing ---------------------------------------------------------------
+
+    def _add(self, kind: WorkKind, request_id, prompt, params: SamplingParams, result, kv_address,
              timeout_s) -> None:
-        if request_id in self.requests or request_id in self._sending:
+        if request_id in self.requests:
             raise BadRequest(f"duplicate request id {request_id!r}")
         try:
             seq = self.engine.add_request(request_id, prompt, params)
@@ -202,97 +222,70 @@ class EngineWorker(PromptWork, TokenWork, ColocatedWork):
             raise BadRequest(str(e)) from None
         job = Job(request_id, seq.prompt_len, self.engine.max_tokens_total(seq) - seq.prompt_len,
                   time.monotonic())
-        policy = {"prefill": self.prompt_policy, "decode": self.token_policy,
-                  "generate": self.mixed_policy}[kind]
-        if kind == "prefill" and -(-seq.prompt_len // self.engine.kv.block_size) > self.engine.num_blocks:
-            raise Overloaded(f"prompt of {seq.prompt_len} tokens exceeds this machine's KV memory")
         try:
-            policy.add(job)
-        except QueueFull as e:
+            self.scheduler.add(kind, job)
+        except (QueueFull, ValueError) as e:  # a full queue, or more than the whole KV memory
             raise Overloaded(str(e)) from None
-        except ValueError as e:  # larger than the machine's whole KV memory
-            raise Overloaded(str(e)) from None
-        req = MlsRequest(seq, job, kind, future=result, kv_address=kv_address,
-                         timeout_s=timeout_s or self.cfg.kv_transfer.timeout_s)
+        req = MachineRequest(seq, job, kind, future=result, kv_address=kv_address,
+                             timeout_s=timeout_s or self.cfg.kv_transfer.timeout_s)
         self.requests[request_id] = req
-        self.metrics.requests.labels(kind).inc()
-        if kind == "decode":
-            self._admit_decodes()
-            if request_id not in self._receiving and result is not None:
-                resolve(result, False)  # queued for memory; RESERVED follows on the stream
+        self.metrics.requests.labels(kind.label).inc()
+        if kind is WorkKind.TOKEN:
+            self._new_token_work.append(req)
 
     def _abort(self, request_id: str) -> bool:
-        req = self.requests.pop(request_id, None) or self._sending.pop(request_id, None)
+        req = self.requests.pop(request_id, None)
         if req is None:
             raise BadRequest(f"unknown request id {request_id!r}")
-        if req.handle is not None:
-            req.handle.abort("aborted by the cluster scheduler")
         self._drop(req)
+        req.status = RequestStatus.FINISHED_ABORTED
         if req.future is not None:
             resolve(req.future, error=Aborted(f"request {request_id!r} aborted"))
-        self._events.append((request_id, "ABORTED", "", "", len(req.seq.output_token_ids)))
+        self._out.events.append(RequestEvent(request_id, EventKind.ABORTED,
+                                             num_output_tokens=len(req.seq.output_token_ids)))
         return True
 
-    def _drop(self, req: MlsRequest) -> None:
+    def _drop(self, req: MachineRequest) -> None:
         """Frees everything a request holds here: queue slot, reservation, transfer, blocks."""
-        rid = req.request_id
-        for policy in (self.prompt_policy, self.token_policy, self.mixed_policy):
-            if hasattr(policy, "release"):
-                policy.release(rid)
-            else:
-                policy.remove(rid)
-        if self._receiving.pop(rid, None) is not None and self.receiver is not None:
-            self.receiver.cancel(rid)
+        if req.handle is not None:
+            req.handle.abort("aborted by the cluster scheduler")
+        self.scheduler.release(req.request_id)
+        if req.status == RequestStatus.RECEIVING_KV and self.receiver is not None:
+            self.receiver.cancel(req.request_id)
         self.engine.abort(req.seq)
 
-    def _after_tokens(self, reqs: list[MlsRequest], indices: list[int], publish: bool = True) -> None:
-        """Publishes each request's newest token (at `indices`) and retires finished ones."""
-        for i, r in enumerate(reqs):
-            policy = self.token_policy if r.kind == "decode" else self.mixed_policy
-            if publish:
-                self._tokens.append((r.request_id, indices[i], r.seq.output_token_ids[indices[i]]))
-            policy.token_generated(r.request_id)
-            if r.seq.finished:
-                policy.release(r.request_id)
-                del self.requests[r.request_id]
-                self._events.append((r.request_id, "FINISHED", FINISH_REASONS[r.seq.status], "",
-                                     len(r.seq.output_token_ids)))
-
-    # -- failures and publishing --------------------------------------------------------------
-
-    def _fail(self, req: MlsRequest, message: str) -> None:
+    def _fail(self, req: MachineRequest, message: str) -> None:
         self.requests.pop(req.request_id, None)
         self._drop(req)
+        req.status = RequestStatus.FINISHED_FAILED
         req.seq.status, req.seq.error = SeqStatus.FINISHED_ERROR, message
         if req.future is not None:
             resolve(req.future, error=Failed(message))
-        self._events.append((req.request_id, "FAILED", "", message, len(req.seq.output_token_ids)))
+        self._out.events.append(RequestEvent(req.request_id, EventKind.FAILED, message=message,
+                                             num_output_tokens=len(req.seq.output_token_ids)))
         log.warning("request %s failed: %s", req.request_id, message)
 
     def _fail_all_running(self, message: str) -> None:
+        """After a failed engine call: every request the turn may have touched fails (decoding,
+        mid-prompt, or prompt work not yet sent)."""
         for r in list(self.requests.values()):
-            if (r.seq.status == SeqStatus.RUNNING or r.kind == "prefill"
-                    or r.request_id in self.mixed_policy.prefilling):  # mid-prompt (chunked)
+            if (r.status in (RequestStatus.RUNNING, RequestStatus.PREFILLING)
+                    or (r.kind is WorkKind.PROMPT and r.status == RequestStatus.QUEUED)):
                 self._fail(r, message)
 
+    # -- publishing -----------------------------------------------------------------------------
+
     def _publish(self) -> None:
-        if self._tokens or self._events:
-            tokens, events, self._tokens, self._events = self._tokens, self._events, [], []
-            self._emit(tokens, events)
+        if self._out:
+            out, self._out = self._out, TurnOutput()
+            self._emit(out)
         self.metrics.observe_load(self.load())
 
     def load(self) -> dict:
         """A snapshot for the load report (read from any thread: plain ints, possibly a turn old)."""
-        tp, mp = self.token_policy, self.mixed_policy
-        return dict(
-            prompt_queue_len=len(self.prompt_policy.queue) + len(mp.queue) + len(mp.prefilling),
-            pending_prompt_tokens=self.prompt_policy.pending_tokens + mp.pending_prompt_tokens,
-            decode_queue_len=len(tp.queue),
-            num_running=len(tp.ready) + len(tp.receiving) + len(mp.running) + len(mp.prefilling),
-            pending_decode_tokens=tp.pending_tokens + mp.pending_decode_tokens,
-            kv_blocks_used=self.engine.num_blocks - self.engine.num_free_blocks,
-            kv_blocks_free=self.engine.num_free_blocks,
-        )
+        free = self.engine.num_free_blocks
+        return dict(dataclasses.asdict(self.scheduler.load()),
+                    kv_blocks_used=self.engine.num_blocks - free, kv_blocks_free=free)
 
 
 def _chain(accepted: Future, result: Future) -> Future:

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from cls.bench.arrivals import arrival_offsets_s, offsets_s, unit_gaps
-from cls.bench.backends import RequestOutput
 from cls.bench.datasets import (
     AZURE_TRACES,
     TRACE_ROOT,
@@ -35,6 +34,7 @@ from cls.bench.metrics import (
     slo_attainment,
 )
 from cls.bench.openai_backend import DONE, chunk_text, error_message, parse_sse_line
+from cls.bench.outputs import RequestOutput
 from cls.bench.report import format_summary, result_json
 from cls.traces import load_azure_trace
 
@@ -258,7 +258,7 @@ def test_report_plots_write_pngs(tmp_path):
 
 
 def test_clsctl_does_not_import_matplotlib():
-    code = "import sys, cls.clsctl; cls.clsctl.build_parser(); print('matplotlib' in sys.modules)"
+    code = "import sys, cls.cli.clsctl; cls.cli.clsctl.build_parser(); print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False"]
 
@@ -267,7 +267,7 @@ def test_clsctl_does_not_import_matplotlib():
 
 
 def _clsctl(*argv, timeout=300):
-    return subprocess.run([sys.executable, "-m", "cls.clsctl", "bench", *argv], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "cls.cli.clsctl", "bench", *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -287,7 +287,7 @@ def _clsctl(*argv, timeout=300):
     (["--tokenizer", "/nonexistent"], "no tokenizer.json"),
 ])
 def test_bad_flags_exit_2_with_a_message(argv, fragment, capsys):
-    from cls.clsctl import main
+    from cls.cli.clsctl import main
 
     with pytest.raises(SystemExit) as e:
         main(["bench", *argv])
@@ -320,7 +320,7 @@ def test_openai_backend_without_a_server_is_a_clear_error(demo_model_dir):
 
 # --- against a real local cluster ------------------------------------------------------------
 
-HAVE_OPENAI_HTTP = (ROOT / "cls" / "openai_http.py").is_file()
+HAVE_OPENAI_HTTP = (ROOT / "cls" / "http" / "server.py").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +391,7 @@ def test_bench_grpc_agrees_with_clsd_histograms(cluster, demo_model_dir, tmp_pat
     _run_and_compare(cluster, demo_model_dir, tmp_path, "grpc", cluster.clsd.address)
 
 
-@pytest.mark.skipif(not HAVE_OPENAI_HTTP, reason="cls/openai_http.py (clsd's OpenAI HTTP front door) "
+@pytest.mark.skipif(not HAVE_OPENAI_HTTP, reason="cls/http/server.py (clsd's OpenAI HTTP front door) "
                                                  "has not landed yet")
 @pytest.mark.parametrize("backend", ["openai", "openai-chat"])
 def test_bench_openai_agrees_with_clsd_histograms(cluster, demo_model_dir, tmp_path, backend):

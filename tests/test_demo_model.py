@@ -102,7 +102,7 @@ def test_detokenizer_streams_exactly_the_decoded_text(demo_model_dir):
 def test_clsctl_chat_names_paris_streamed(demo_model_dir):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cls.clsctl", "chat", "--model", str(demo_model_dir),
+        [sys.executable, "-m", "cls.cli.clsctl", "chat", "--model", str(demo_model_dir),
          "What is the capital of France?"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     chunks = []

@@ -11,10 +11,11 @@ import pytest
 from engine.sequence import SamplingParams
 from mls import worker as worker_mod
 from mls.config import MlsConfig, from_dict
+from mls.events import EventKind, RequestEvent, TurnOutput
 from mls.kv.factory import make_endpoints
 from mls.metrics import MlsMetrics
 from mls.mlsd import build_engine
-from mls.requests import PrefillResult
+from mls.request import PrefillResult
 from mls.worker import EngineWorker
 from tests.conftest import hf_greedy, make_tiny_checkpoint, write_word_tokenizer
 
@@ -24,7 +25,7 @@ class Collector:
 
     def __init__(self) -> None:
         self.tokens: dict[str, dict[int, int]] = {}
-        self.events: list[tuple] = []
+        self.events: list[RequestEvent] = []
         self.ended: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
@@ -32,13 +33,13 @@ class Collector:
         with self._lock:
             return self.ended.setdefault(rid, threading.Event())
 
-    def __call__(self, tokens: list[tuple], events: list[tuple]) -> None:
-        for rid, index, token in tokens:
-            self.tokens.setdefault(rid, {})[index] = token
-        for e in events:
+    def __call__(self, out: TurnOutput) -> None:
+        for t in out.tokens:
+            self.tokens.setdefault(t.request_id, {})[t.index] = t.token_id
+        for e in out.events:
             self.events.append(e)
-            if e[1] in ("FINISHED", "FAILED", "ABORTED"):
-                self.ended_event(e[0]).set()
+            if e.kind is not EventKind.RESERVED:
+                self.ended_event(e.request_id).set()
 
 
 def make_worker(ckpt, role: str, emit) -> EngineWorker:
@@ -79,14 +80,14 @@ def test_finished_transfer_wakes_the_idle_token_worker_and_tokens_match_transfor
         assert result.first_token_id == reference[0]
         got = emitted.tokens["r1"]
         assert [got[i] for i in sorted(got)] == reference[1:] and sorted(got) == list(range(1, 6))
-        assert ("r1", "FINISHED", "length", "", 6) in emitted.events
+        assert RequestEvent("r1", EventKind.FINISHED, "length", "", 6) in emitted.events
         assert token_w.engine.num_free_blocks == token_w.engine.num_blocks
         assert prompt_w.engine.num_free_blocks == prompt_w.engine.num_blocks
     finally:
         for w in (prompt_w, token_w):
             w.stop()
             w.receiver.close()
-            w.sender.close()
+            w.runner.sender.close()
 
 
 def test_early_connect_wait_is_configurable_and_checked():

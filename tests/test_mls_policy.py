@@ -56,7 +56,7 @@ def test_queues_are_bounded():
 
 
 def test_token_batch_grows_to_fill_memory_then_queues_and_drains():
-    sched = TokenScheduler(num_blocks=20, block_size=16, max_batch_size=64)
+    sched = TokenScheduler(num_blocks=20, block_size=16, max_num_seqs=64)
     for i in range(10):
         sched.add(job(i, prompt_len=40, max_tokens=24))  # 64 tokens = 4 blocks
     plan = sched.schedule()
@@ -256,7 +256,7 @@ def test_chunked_random_workload_brute_force():
     every plan is checked against the rules by brute force, step by step."""
     rng = random.Random(11)
     num_blocks, cap = 120, 96
-    sched = chunked(num_blocks=num_blocks, budget=cap, max_batch_size=12)
+    sched = chunked(num_blocks=num_blocks, budget=cap, max_num_seqs=12)
     want: dict[str, Job] = {}
     done_prompt: dict[str, int] = {}  # request -> prompt tokens scheduled so far
     order_admitted: list[str] = []

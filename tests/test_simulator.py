@@ -96,7 +96,7 @@ def test_the_router_ends_with_no_charges_left():
         assert (m.pending_prompt_tokens, m.prompt_queue_len, m.pending_decode_tokens) == (0, 0, 0)
         assert m.kv_free_blocks == m.kv_total_blocks and m.role == m.home
     for m in sim.machines.values():
-        assert m.token.budget.used == 0 and not m.busy
+        assert m.sched.budget.used == 0 and not m.busy
 
 
 def test_more_load_gives_higher_latency_percentiles():
@@ -309,7 +309,7 @@ def test_clsctl_simulate_runs_a_design_over_a_trace(tmp_path):
     design.write_text(f"name: t\nnum_prompt: 2\nnum_token: 2\nprofile: {profile}\n")
     out = tmp_path / "sim.json"
     root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "-m", "cls.clsctl", "simulate", "--cluster", str(design),
+    run = subprocess.run([sys.executable, "-m", "cls.cli.clsctl", "simulate", "--cluster", str(design),
                           "--trace", str(trace), "--limit", "200", "--rate", "5", "--json", str(out)],
                          cwd=root, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -318,7 +318,7 @@ def test_clsctl_simulate_runs_a_design_over_a_trace(tmp_path):
     assert 0 < report["ttft_p50_s"] <= report["ttft_p99_s"] and "SLO targets met:" in run.stdout
     assert set(report["slo"]["slowdown"]) == set(SPLITWISE_SLO) and "200/200" in run.stderr
     design.write_text("name: t\nnum_prompt: 2\nnum_tokens: 2\n")
-    bad = subprocess.run([sys.executable, "-m", "cls.clsctl", "simulate", "--cluster", str(design),
+    bad = subprocess.run([sys.executable, "-m", "cls.cli.clsctl", "simulate", "--cluster", str(design),
                           "--trace", str(trace)], cwd=root, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "unknown key num_tokens" in bad.stderr
 
@@ -331,7 +331,7 @@ def test_clsctl_simulate_sweeps_two_designs_and_writes_goodput_plots_and_json(tm
     split.write_text(f"name: split\nnum_prompt: 1\nnum_token: 1\nprofile: {profile}\n")
     coloc.write_text(f"name: coloc\ncolocated: true\nnum_prompt: 0\nnum_token: 2\nprofile: {profile}\n")
     out, plots = tmp_path / "sweep.json", tmp_path / "plots"
-    cmd = [sys.executable, "-m", "cls.clsctl", "simulate", "--cluster", str(split), "--cluster", str(coloc),
+    cmd = [sys.executable, "-m", "cls.cli.clsctl", "simulate", "--cluster", str(split), "--cluster", str(coloc),
            "--duration", "30", "--sweep", "0.2,1,40", "--prompt-len", "200:2000", "--output-len", "20:200",
            "--seed", "4", "--json", str(out), "--plots", str(plots), "--no-progress"]
     run = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
@@ -358,3 +358,17 @@ def test_clsctl_simulate_sweeps_two_designs_and_writes_goodput_plots_and_json(tm
     bad = subprocess.run(cmd[:6] + ["--sweep", "1,-2"], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parents[1])
     assert bad.returncode == 2 and "rates must be > 0" in bad.stderr
+
+
+def test_a_renamed_design_key_still_loads_with_a_warning_naming_the_new_key(tmp_path):
+    from cls.sim_design import SimDesignConfig
+
+    path = tmp_path / "d.yaml"
+    path.write_text("name: d\nnum_prompt: 1\nnum_token: 1\nprofile: null\nmax_batch_size: 7\n")
+    with pytest.warns(DeprecationWarning, match="max_batch_size is deprecated; use max_num_seqs"):
+        cfg = SimDesignConfig.load(path)
+    assert cfg.max_num_seqs == 7 and cfg.build()[0].max_num_seqs == 7
+    path.write_text("name: d\nnum_prompt: 1\nnum_token: 1\nmax_batch_size: 7\nmax_num_seqs: 8\n")
+    with pytest.raises(Exception, match="max_batch_size and max_num_seqs both given"), \
+            pytest.warns(DeprecationWarning):
+        SimDesignConfig.load(path)

@@ -28,14 +28,14 @@ class Machine(mlsd_pb2_grpc.MachineServiceServicer):
         self.servers: list[WorkServer] = []
         self.end_first = end_first
 
-    def _run(self, op: str, request):
-        if op == "add_decode":
+    def _run(self, request):
+        if isinstance(request, pb.AddDecodeRequest):
             return pb.AddDecodeReply(reserved=request.request.request_id.endswith("r"))
-        if op == "prefill":
+        if isinstance(request, pb.PrefillRequest):
             if not request.kv_address:
                 raise ValueError("kv_address is empty")
             return self._hang(request.request.request_id)
-        raise NotImplementedError(op)
+        raise NotImplementedError(type(request).__name__)
 
     async def _hang(self, rid: str):
         try:
@@ -82,18 +82,18 @@ def test_replies_batches_errors_and_deadlines():
         server, channel, ws = await start(machine)
         try:
             rids = [f"q{i}{'r' if i % 2 else ''}" for i in range(20)]
-            replies = await asyncio.gather(*(ws.call("add_decode", decode(r), 5.0) for r in rids))
+            replies = await asyncio.gather(*(ws.call(decode(r), 5.0) for r in rids))
             assert [rep.reserved for rep in replies] == [r.endswith("r") for r in rids]
             assert (ws.num_batches, ws.num_items) == (1, 20)  # one loop turn, one message
 
             with pytest.raises(WorkError) as e:
-                await ws.call("prefill", pb.PrefillRequest(request=decode("p").request), 5.0)
+                await ws.call(pb.PrefillRequest(request=decode("p").request), 5.0)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "kv_address" in e.value.details()
 
             t0 = time.monotonic()
             with pytest.raises(WorkError) as e:
-                await ws.call("prefill", pb.PrefillRequest(request=decode("hang-1").request,
+                await ws.call(pb.PrefillRequest(request=decode("hang-1").request,
                                                            kv_address=b"x"), 0.3)
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert 0.25 < time.monotonic() - t0 < 5.0
@@ -101,7 +101,7 @@ def test_replies_batches_errors_and_deadlines():
 
             # The link closes (the machine left clsd): waiting calls fail at once, and the machine
             # cancels every item it had not answered.
-            waiting = asyncio.ensure_future(ws.call("prefill", pb.PrefillRequest(
+            waiting = asyncio.ensure_future(ws.call(pb.PrefillRequest(
                 request=decode("hang-2").request, kv_address=b"x"), 30.0))
             await wait_for(lambda: ws.num_items == 23)
             ws.close()
@@ -110,7 +110,7 @@ def test_replies_batches_errors_and_deadlines():
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
             await wait_for(lambda: sorted(machine.cancelled) == ["hang-1", "hang-2"])
             with pytest.raises(WorkError):
-                await ws.call("add_decode", decode("late"), 5.0)
+                await ws.call(decode("late"), 5.0)
         finally:
             await channel.close()
             await server.stop(grace=None)
@@ -124,15 +124,15 @@ def test_stream_ended_by_the_machine_fails_waiting_calls_and_reopens():
         server, channel, ws = await start(machine)
         try:
             with pytest.raises(WorkError) as e:
-                await ws.call("add_decode", decode("a"), 10.0)
+                await ws.call(decode("a"), 10.0)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-            reply = await ws.call("add_decode", decode("br"), 10.0)  # a new stream
+            reply = await ws.call(decode("br"), 10.0)  # a new stream
             assert reply.reserved and machine.streams == 2
             # The machine shuts down its stream (mlsd after its drain): it ends, clsd notices, and
             # the next call opens a new one.
             machine.servers[-1].close()
             await wait_for(lambda: machine.ended == 1 and not ws.is_open)
-            assert (await ws.call("add_decode", decode("cr"), 10.0)).reserved and machine.streams == 3
+            assert (await ws.call(decode("cr"), 10.0)).reserved and machine.streams == 3
         finally:
             ws.close()
             await channel.close()
@@ -146,7 +146,7 @@ def test_machine_gone_fails_waiting_calls_before_their_deadline():
         machine = Machine()
         server, channel, ws = await start(machine)
         try:
-            waiting = asyncio.ensure_future(ws.call("prefill", pb.PrefillRequest(
+            waiting = asyncio.ensure_future(ws.call(pb.PrefillRequest(
                 request=decode("hang-3").request, kv_address=b"x"), 30.0))
             await wait_for(lambda: ws.num_items == 1)
             t0 = time.monotonic()

@@ -9,5 +9,5 @@ One idea per module:
 - `progress`: a tiny progress bar on stderr.
 - `report`: the end-of-run summary table (vLLM's layout) and the result JSON (vLLM's keys).
 - `plots`: the PNGs of a run, drawn with the generic helpers in `cls/report_plots.py`.
-- `cli`: the command line (`add_parser` is what `cls/clsctl.py` registers).
+- `cli`: the command line (`add_parser` is what `cls/cli/clsctl.py` registers).
 """

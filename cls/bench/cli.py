@@ -128,7 +128,7 @@ async def _run_all(args, checked, requests, tokenizer):
     from cls.bench.arrivals import offsets_s, unit_gaps
     from cls.bench.backends import make_backend
     from cls.bench.runner import run_requests
-    from cls.progress import Progress
+    from cls.cli.progress import Progress
 
     backend = make_backend(args.backend, checked["address"], model=args.model, ignore_eos=args.ignore_eos,
                            temperature=args.temperature, timeout_s=args.timeout, endpoint=args.endpoint)

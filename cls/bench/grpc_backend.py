@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 
-from cls.bench.backends import RequestOutput
 from cls.bench.datasets import BenchRequest
+from cls.bench.outputs import RequestOutput
 from cls.client import AsyncClsClient, ClsError
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cls.bench.backends import RequestOutput
+from cls.bench.outputs import RequestOutput
 
 PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
 SLO_METRICS = ("ttft", "tpot", "e2el")

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import time
 
-from cls.bench.backends import RequestOutput
 from cls.bench.datasets import BenchRequest
+from cls.bench.outputs import RequestOutput
 
 try:
     import httpx

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cls import report_plots
-from cls.bench.backends import RequestOutput
 from cls.bench.metrics import request_tpot_s
+from cls.bench.outputs import RequestOutput
 
 
 def write_plots(runs: Mapping[str, Sequence[RequestOutput]], plot_dir: str | Path, *,

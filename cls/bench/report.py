@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from cls.bench.backends import RequestOutput
 from cls.bench.metrics import BenchmarkMetrics, percentile_word
+from cls.bench.outputs import RequestOutput
 
 WIDTH = 50
 HEADERS = {"ttft": ("TTFT", "Time to First Token"),

@@ -14,9 +14,9 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from cls.bench.backends import Backend, RequestOutput
 from cls.bench.datasets import BenchRequest
-from cls.progress import Progress
+from cls.bench.outputs import Backend, RequestOutput
+from cls.cli.progress import Progress
 
 
 @dataclass

@@ -76,7 +76,7 @@ class MixedPlan:
 
 class MixedScheduler:
     def __init__(self, num_blocks: int, block_size: int, prompt_token_cap: int = 2048,
-                 max_batch_size: int = 256, max_queue_len: int = 4096,
+                 max_num_seqs: int = 256, max_queue_len: int = 4096,
                  budget: BlockBudget | None = None, policy: str = "prompt_first",
                  max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS):
         if policy not in MIXED_POLICIES:
@@ -85,7 +85,7 @@ class MixedScheduler:
             raise ValueError(f"max_num_batched_tokens must be positive, got {max_num_batched_tokens}")
         self.budget = budget_for(num_blocks, budget)
         self.block_size = block_size
-        self.prompt_token_cap, self.max_batch_size = prompt_token_cap, max_batch_size
+        self.prompt_token_cap, self.max_num_seqs = prompt_token_cap, max_num_seqs
         self.policy, self.max_num_batched_tokens = policy, max_num_batched_tokens
         self.queue = FifoQueue(max_queue_len, "mixed")
         self.running: OrderedDict[str, Job] = OrderedDict()
@@ -135,7 +135,7 @@ class MixedScheduler:
         """Whether the head of the queue may be admitted now (memory and batch size)."""
         head = self.queue.peek()
         return (head is not None and self.blocks_needed(head) <= self.free_blocks
-                and len(self.running) + len(self.prefilling) < self.max_batch_size)
+                and len(self.running) + len(self.prefilling) < self.max_num_seqs)
 
     def can_start(self) -> bool:
         """Whether `schedule` has prompt work it may run now (budget permitting, in chunked)."""

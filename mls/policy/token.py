@@ -27,10 +27,10 @@ class TokenPlan:
 
 
 class TokenScheduler:
-    def __init__(self, num_blocks: int, block_size: int, max_batch_size: int = 256,
+    def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int = 256,
                  max_queue_len: int = 4096, budget: BlockBudget | None = None):
         self.budget = budget_for(num_blocks, budget)
-        self.block_size, self.max_batch_size = block_size, max_batch_size
+        self.block_size, self.max_num_seqs = block_size, max_num_seqs
         self.queue = FifoQueue(max_queue_len, "token")
         self.reserved: dict[str, int] = {}  # request id -> blocks, for admitted requests
         self.ready: dict[str, Job] = {}  # admitted and KV arrived: the decode batch
@@ -72,7 +72,7 @@ class TokenScheduler:
         """Whether `schedule` would admit the head of the queue now."""
         head = self.queue.peek()
         return (head is not None and self.blocks_needed(head) <= self.free_blocks
-                and len(self.reserved) < self.max_batch_size)
+                and len(self.reserved) < self.max_num_seqs)
 
     def schedule(self) -> TokenPlan:
         admitted = []

@@ -3,7 +3,7 @@
 Life cycle of a request (`POST /v1/completions`, `POST /v1/chat/completions`):
 1. The bearer key is checked when `http.api_key_file` is configured (401 otherwise).
 2. The body is read in chunks up to `http.max_body_bytes` (413 past it, without reading the rest)
-   and parsed (cls/openai_schema.py: 400 naming the field, 404 for another model's name).
+   and parsed (cls/http/schema.py: 400 naming the field, 404 for another model's name).
 3. `ClusterState.admit` validates it as the gRPC door does (the same sampling, context and
    vocabulary checks; 429 at the in-flight bound, 503 while draining) and tokenizes it.
 4. `ClusterState.generate` runs it through the Dispatcher; text goes through the stop strings
@@ -34,11 +34,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from cls.openai_schema import ApiError, ParsedRequest, parse_body, parse_chat, parse_completion
+from cls.http.schema import ApiError, ParsedRequest, parse_body, parse_chat, parse_completion
 from cls.requests import ClusterRequest, RequestError
 from cls.service import ClusterState
 from cls.stop_strings import StopMatcher
-from mls.config import ConfigError
+from daemon.settings import ConfigError
 
 log = logging.getLogger("clsd.http")
 

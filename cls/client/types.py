@@ -1,6 +1,8 @@
 """The SDK's typed errors and result types, and their conversion from the protos.
 
-`cls.client` re-exports every public name here; import them from there.
+`cls.client` re-exports the user-facing names here; import them from there. The `*_from_pb`
+converters, `error_from_rpc`, `cancelled_here` and `Collector` are the SDK's own helpers
+(cls/client/sdk.py), not part of its public surface.
 """
 
 from __future__ import annotations
@@ -57,13 +59,13 @@ def error_for(code: grpc.StatusCode, message: str) -> ClsError:
     return _ERRORS.get(code, ClsError)(code, message)
 
 
-def _from_rpc(e: grpc.RpcError) -> ClsError:
+def error_from_rpc(e: grpc.RpcError) -> ClsError:
     code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
     details = e.details() if callable(getattr(e, "details", None)) else str(e)
     return error_for(code or grpc.StatusCode.UNKNOWN, details or "")
 
 
-def _cancelled_here() -> Cancelled:
+def cancelled_here() -> Cancelled:
     return Cancelled(grpc.StatusCode.CANCELLED, "the stream was cancelled by this client")
 
 
@@ -148,7 +150,7 @@ class PoolMove:
     to_pool: str
 
 
-def _delta(m: pb.GenerateResponse) -> Delta:
+def delta_from_pb(m: pb.GenerateResponse) -> Delta:
     timing = None
     if m.HasField("timing"):
         t = m.timing
@@ -157,26 +159,26 @@ def _delta(m: pb.GenerateResponse) -> Delta:
                  m.num_prompt_tokens, timing, m.prompt_machine, m.token_machine, m.num_reroutes)
 
 
-def _machine(m: pb.MachineStatus) -> MachineStatus:
+def machine_from_pb(m: pb.MachineStatus) -> MachineStatus:
     return MachineStatus(m.machine_id, m.address, ROLE_NAMES.get(m.home, str(m.home)),
                          ROLE_NAMES.get(m.role, str(m.role)), m.draining, m.pending_prompt_tokens,
                          m.pending_decode_tokens, m.kv_blocks_free, m.kv_blocks_total,
                          m.num_requests, m.lease_expires_in_s)
 
 
-def _pools(r: pb.ListPoolsReply) -> Pools:
+def pools_from_pb(r: pb.ListPoolsReply) -> Pools:
     return Pools(tuple(PoolStatus(ROLE_NAMES.get(p.role, str(p.role)), tuple(p.machine_ids),
                                   p.pending_tokens) for p in r.pools),
                  r.num_borrowed, r.num_returned)
 
 
-def _moves(r: pb.ResizePoolsReply) -> list[PoolMove]:
+def moves_from_pb(r: pb.ResizePoolsReply) -> list[PoolMove]:
     return [PoolMove(m.machine_id, ROLE_NAMES.get(m.from_pool, str(m.from_pool)),
                      ROLE_NAMES.get(m.to_pool, str(m.to_pool))) for m in r.moves]
 
 
 @dataclass
-class _Collector:
+class Collector:
     """Accumulates deltas into a Completion."""
 
     request_id: str = ""

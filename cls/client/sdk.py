@@ -25,7 +25,8 @@ Contracts:
   without a token and clsd answers UNAUTHENTICATED.
 
 The address defaults to $CLSD_ADDRESS, else 127.0.0.1:50050. This module needs only grpc and the
-generated proto modules (no torch).
+generated proto modules (no torch). The typed results and errors are in cls/client/types.py;
+`cls.client` re-exports the public names of both.
 """
 
 from __future__ import annotations
@@ -38,34 +39,20 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from cls.sdk_types import (  # noqa: F401 - the public names of the SDK live here too
-    ROLE_NAMES,
-    Cancelled,
-    ClsError,
+from cls.client.types import (
+    Collector,
     Completion,
-    DeadlineExceeded,
     Delta,
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
     MachineStatus,
-    NotFound,
-    PermissionDenied,
     PoolMove,
     Pools,
-    PoolStatus,
-    ResourceExhausted,
-    Timing,
     Unauthenticated,
-    Unavailable,
-    _cancelled_here,
-    _Collector,
-    _delta,
-    _from_rpc,
-    _machine,
-    _moves,
-    _pools,
-    error_for,
+    cancelled_here,
+    delta_from_pb,
+    error_from_rpc,
+    machine_from_pb,
+    moves_from_pb,
+    pools_from_pb,
 )
 from proto import clsd_pb2 as pb
 from proto import clsd_pb2_grpc
@@ -141,14 +128,14 @@ class GenerateStream:
         self._call = call
         self._cancelled = False
         self._done = False
-        self._collector = _Collector()
+        self._collector = Collector()
 
     def __iter__(self) -> GenerateStream:
         return self
 
     def __next__(self) -> Delta:
         if self._cancelled:
-            raise _cancelled_here()
+            raise cancelled_here()
         if self._done:
             raise StopIteration
         try:
@@ -159,9 +146,9 @@ class GenerateStream:
         except grpc.RpcError as e:
             self._done = True
             if self._cancelled:
-                raise _cancelled_here() from None
-            raise _from_rpc(e) from None
-        d = _delta(msg)
+                raise cancelled_here() from None
+            raise error_from_rpc(e) from None
+        d = delta_from_pb(msg)
         self._collector.add(d)
         return d
 
@@ -227,29 +214,29 @@ class ClsClient(_Base):
         try:
             return method(request, timeout=self._timeout(timeout_s), metadata=metadata)
         except grpc.RpcError as e:
-            raise _from_rpc(e) from None
+            raise error_from_rpc(e) from None
 
     def list_machines(self, *, timeout_s: float | None = None) -> list[MachineStatus]:
         reply = self._unary(self._admin.ListMachines, pb.ListMachinesRequest(), timeout_s)
-        return [_machine(m) for m in reply.machines]
+        return [machine_from_pb(m) for m in reply.machines]
 
     def list_pools(self, *, timeout_s: float | None = None) -> Pools:
-        return _pools(self._unary(self._admin.ListPools, pb.ListPoolsRequest(), timeout_s))
+        return pools_from_pb(self._unary(self._admin.ListPools, pb.ListPoolsRequest(), timeout_s))
 
     def resize_pools(self, num_prompt: int | None = None, num_token: int | None = None, *,
                      timeout_s: float | None = None) -> list[PoolMove]:
         req = pb.ResizePoolsRequest(num_prompt=num_prompt, num_token=num_token)
-        return _moves(self._unary(self._admin.ResizePools, req, timeout_s))
+        return moves_from_pb(self._unary(self._admin.ResizePools, req, timeout_s))
 
     def drain(self, machine_id: str, *, timeout_s: float | None = None) -> MachineStatus:
         reply = self._unary(self._admin.DrainMachine, pb.DrainRequest(machine_id=machine_id),
                             timeout_s)
-        return _machine(reply.machine)
+        return machine_from_pb(reply.machine)
 
     def undrain(self, machine_id: str, *, timeout_s: float | None = None) -> MachineStatus:
         reply = self._unary(self._admin.UndrainMachine, pb.DrainRequest(machine_id=machine_id),
                             timeout_s)
-        return _machine(reply.machine)
+        return machine_from_pb(reply.machine)
 
 
 # --- async ----------------------------------------------------------------------------------
@@ -262,32 +249,32 @@ class AsyncGenerateStream:
         self._call = call
         self._cancelled = False
         self._done = False
-        self._collector = _Collector()
+        self._collector = Collector()
 
     def __aiter__(self) -> AsyncGenerateStream:
         return self
 
     async def __anext__(self) -> Delta:
         if self._cancelled:
-            raise _cancelled_here()
+            raise cancelled_here()
         if self._done:
             raise StopAsyncIteration
         try:
             msg = await self._call.read()
         except asyncio.CancelledError:
             if self._cancelled:  # our own cancel() surfaced as CancelledError inside grpc
-                raise _cancelled_here() from None
+                raise cancelled_here() from None
             self.cancel()  # the reading task was cancelled: take the RPC down with it
             raise
         except grpc.RpcError as e:
             self._done = True
             if self._cancelled:
-                raise _cancelled_here() from None
-            raise _from_rpc(e) from None
+                raise cancelled_here() from None
+            raise error_from_rpc(e) from None
         if msg is grpc.aio.EOF:
             self._done = True
             raise StopAsyncIteration
-        d = _delta(msg)
+        d = delta_from_pb(msg)
         self._collector.add(d)
         return d
 
@@ -352,26 +339,26 @@ class AsyncClsClient(_Base):
         try:
             return await method(request, timeout=self._timeout(timeout_s), metadata=metadata)
         except grpc.RpcError as e:
-            raise _from_rpc(e) from None
+            raise error_from_rpc(e) from None
 
     async def list_machines(self, *, timeout_s: float | None = None) -> list[MachineStatus]:
         reply = await self._unary(self._admin.ListMachines, pb.ListMachinesRequest(), timeout_s)
-        return [_machine(m) for m in reply.machines]
+        return [machine_from_pb(m) for m in reply.machines]
 
     async def list_pools(self, *, timeout_s: float | None = None) -> Pools:
-        return _pools(await self._unary(self._admin.ListPools, pb.ListPoolsRequest(), timeout_s))
+        return pools_from_pb(await self._unary(self._admin.ListPools, pb.ListPoolsRequest(), timeout_s))
 
     async def resize_pools(self, num_prompt: int | None = None, num_token: int | None = None, *,
                            timeout_s: float | None = None) -> list[PoolMove]:
         req = pb.ResizePoolsRequest(num_prompt=num_prompt, num_token=num_token)
-        return _moves(await self._unary(self._admin.ResizePools, req, timeout_s))
+        return moves_from_pb(await self._unary(self._admin.ResizePools, req, timeout_s))
 
     async def drain(self, machine_id: str, *, timeout_s: float | None = None) -> MachineStatus:
         reply = await self._unary(self._admin.DrainMachine, pb.DrainRequest(machine_id=machine_id),
                                   timeout_s)
-        return _machine(reply.machine)
+        return machine_from_pb(reply.machine)
 
     async def undrain(self, machine_id: str, *, timeout_s: float | None = None) -> MachineStatus:
         reply = await self._unary(self._admin.UndrainMachine,
                                   pb.DrainRequest(machine_id=machine_id), timeout_s)
-        return _machine(reply.machine)
+        return machine_from_pb(reply.machine)

@@ -1,7 +1,7 @@
 """`clsctl local up`: clsd and the machines of configs/local.yaml as child processes on this host.
 
-The process management lives in cls/local.py; this is the command: start, print how to talk to
-the cluster, optionally answer one question, wait for Ctrl-C / SIGTERM, stop (machines first).
+The process management lives in local_cluster.py; this is the command: start, print how to talk
+to the cluster, optionally answer one question, wait for Ctrl-C / SIGTERM, stop (machines first).
 """
 
 from __future__ import annotations
@@ -13,18 +13,19 @@ import signal
 import sys
 import threading
 
+from cls.cli.local_cluster import LocalCluster, LocalClusterError, LocalConfig
+from cls.cli.output import error, machines_table, stream_answer, timing_line
 from cls.client import ClsError
 
 DEFAULT_LOCAL_CONFIG = "configs/local.yaml"
 
 
-def _print_local_help(cluster, question_example: str) -> None:
-    from cls.clsctl import _machines_table
+def _print_local_help(cluster: LocalCluster, question_example: str) -> None:
     addr, token = cluster.address, cluster.token_file
     shell_q, py_q = shlex.quote(question_example), json.dumps(question_example)
     print(f"cluster up: clsd at {addr} (metrics port {cluster.metrics_port}), "
           f"{len(cluster.registered)} machines, logs in {cluster.config.run_dir}/")
-    print(_machines_table(cluster.registered))
+    print(machines_table(cluster.registered))
     print(f"""
 Talk to it:
   clsctl generate --chat --address {addr} {shell_q}
@@ -40,9 +41,6 @@ From Python:
 
 
 def _cmd_local_up(args: argparse.Namespace) -> int:
-    from cls.clsctl import _error, _stream_answer, _timing_line  # the shared output helpers
-    from cls.local import LocalCluster, LocalClusterError, LocalConfig
-
     stop = threading.Event()
     interruptible = [True]  # starting or asking: a signal interrupts; waiting: it only wakes us
 
@@ -65,8 +63,8 @@ def _cmd_local_up(args: argparse.Namespace) -> int:
         if args.ask:
             print(f"> {args.ask}")
             with cluster.client() as client:
-                done = _stream_answer(client, args.ask, chat=True, max_tokens=args.max_tokens)
-            print(_timing_line(done), file=sys.stderr)
+                done = stream_answer(client, args.ask, chat=True, max_tokens=args.max_tokens)
+            print(timing_line(done), file=sys.stderr)
         interruptible[0] = False
         print("Ctrl-C stops the cluster.", flush=True)
         # Timed: a signal may land on one of grpc's threads, and Python runs the handler in the
@@ -78,9 +76,9 @@ def _cmd_local_up(args: argparse.Namespace) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except LocalClusterError as e:
-        return _error(str(e))
+        return error(str(e))
     except ClsError as e:
-        return _error(str(e))
+        return error(str(e))
     finally:
         interruptible[0] = False
         if cluster is not None:

@@ -2,7 +2,9 @@
 
 Commands are grouped (`clsctl GROUP COMMAND ...`). Each group has one `_add_<group>` function
 that adds its subparsers; each command sets `func=` to a handler `(args) -> int` (the exit code).
-To add a group, write its `_add_<group>` and call it from `build_parser()`.
+To add a group, write its `_add_<group>` (or a module with `add_parser`, as local_up.py,
+simulate.py and cls/bench/cli.py) and call it from `build_parser()`. What commands print is in
+output.py.
 
 This module runs on the CLS host, which has no torch: import nothing from `engine` (or anything
 that pulls in torch) at the top level, only inside the handler that needs it.
@@ -25,22 +27,17 @@ print `error: <message>` on stderr and exit 1; usage errors exit 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import asdict
 
-from cls import local_cli, simulate_cli
 from cls.bench import cli as bench_cli
-from cls.client import ClsClient, ClsError, Completion, MachineStatus, Unavailable, default_address
+from cls.cli import local_up, simulate
+from cls.cli.output import error, machines_table, print_json, stream_answer, table, timing_line
+from cls.client import ClsClient, ClsError, Unavailable, default_address
 
 DEFAULT_DEMO_OUT = "models/SmolLM2-135M-Instruct"
 DEFAULT_TOKEN_FILE = ".run/admin-token"
-
-
-def _error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 1
 
 
 # --- models ---------------------------------------------------------------------------------
@@ -50,11 +47,11 @@ def _cmd_models_fetch_demo(args: argparse.Namespace) -> int:
     try:
         from engine.demo_model import DemoModelError, fetch_demo
     except ImportError as e:
-        return _error(f"fetch-demo needs the engine package of this project: {e}")
+        return error(f"fetch-demo needs the engine package of this project: {e}")
     try:
         fetch_demo(args.out, force=args.force)
     except (DemoModelError, ImportError) as e:
-        return _error(str(e))
+        return error(str(e))
     return 0
 
 
@@ -81,12 +78,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     try:
         from engine.chat import run
     except ImportError as e:
-        return _error(f"chat runs the engine in this process and needs torch: {e}")
+        return error(f"chat runs the engine in this process and needs torch: {e}")
     try:
         return run(args.model, args.question, dtype=args.dtype, max_tokens=args.max_tokens,
                    temperature=args.temperature, seed=args.seed)
     except (FileNotFoundError, ValueError) as e:
-        return _error(str(e))
+        return error(str(e))
 
 
 def _add_chat(groups: argparse._SubParsersAction) -> None:
@@ -130,8 +127,8 @@ def _client(args: argparse.Namespace) -> ClsClient:
 
 def _cls_error(e: ClsError, args: argparse.Namespace) -> int:
     if isinstance(e, Unavailable):
-        return _error(f"{e} (is clsd running at {_address(args)}?)")
-    return _error(str(e))
+        return error(f"{e} (is clsd running at {_address(args)}?)")
+    return error(str(e))
 
 
 def _with_client(handler):
@@ -147,44 +144,17 @@ def _with_client(handler):
     return run
 
 
-def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2))
-
-
-def _table(headers: list[str], rows: list[list]) -> str:
-    """Aligned columns; numbers right-aligned."""
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool)
-                                  for r in rows) for i in range(len(headers))]
-
-    def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w)
-                         for v, w, num in zip(values, widths, numeric)).rstrip()
-
-    return "\n".join([line(headers)] + [line(r) for r in cells])
-
-
-def _machines_table(machines: list[MachineStatus]) -> str:
-    rows = [[m.machine_id, m.address, m.home, m.role, "yes" if m.draining else "no",
-             m.pending_prompt_tokens, m.pending_decode_tokens,
-             f"{m.kv_blocks_free}/{m.kv_blocks_total}", m.num_requests,
-             f"{m.lease_expires_in_s:.1f}"] for m in machines]
-    return _table(["MACHINE", "ADDRESS", "HOME", "ROLE", "DRAINING", "PENDING_PROMPT",
-                   "PENDING_DECODE", "KV_FREE", "REQUESTS", "LEASE_S"], rows)
-
-
 # --- pools ----------------------------------------------------------------------------------
 
 
 def _cmd_pools_list(args: argparse.Namespace, client: ClsClient) -> int:
     pools = client.list_pools()
     if args.json:
-        _print_json(asdict(pools))
+        print_json(asdict(pools))
         return 0
     rows = [[p.role, len(p.machine_ids), p.pending_tokens, ",".join(p.machine_ids) or "-"]
             for p in pools.pools]
-    print(_table(["POOL", "MACHINES", "PENDING_TOKENS", "MACHINE_IDS"], rows))
+    print(table(["POOL", "MACHINES", "PENDING_TOKENS", "MACHINE_IDS"], rows))
     print(f"borrowed into mixed: {pools.num_borrowed}, returned: {pools.num_returned}")
     return 0
 
@@ -194,11 +164,11 @@ def _cmd_pools_resize(args: argparse.Namespace, client: ClsClient) -> int:
         args.parser.error("give --prompt N, --token N or both")
     moves = client.resize_pools(num_prompt=args.prompt, num_token=args.token)
     if args.json:
-        _print_json([asdict(m) for m in moves])
+        print_json([asdict(m) for m in moves])
     elif not moves:
         print("no moves: the pools already have these sizes")
     else:
-        print(_table(["MACHINE", "FROM", "TO"], [[m.machine_id, m.from_pool, m.to_pool]
+        print(table(["MACHINE", "FROM", "TO"], [[m.machine_id, m.from_pool, m.to_pool]
                                                  for m in moves]))
     return 0
 
@@ -226,18 +196,18 @@ def _add_pools(groups: argparse._SubParsersAction) -> None:
 def _cmd_machines_list(args: argparse.Namespace, client: ClsClient) -> int:
     machines = client.list_machines()
     if args.json:
-        _print_json([asdict(m) for m in machines])
+        print_json([asdict(m) for m in machines])
     else:
-        print(_machines_table(machines))
+        print(machines_table(machines))
     return 0
 
 
 def _cmd_machines_drain(args: argparse.Namespace, client: ClsClient) -> int:
     m = client.drain(args.machine_id) if args.drain else client.undrain(args.machine_id)
     if args.json:
-        _print_json(asdict(m))
+        print_json(asdict(m))
     else:
-        print(_machines_table([m]))
+        print(machines_table([m]))
     return 0
 
 
@@ -260,41 +230,19 @@ def _add_machines(groups: argparse._SubParsersAction) -> None:
 # --- generate -------------------------------------------------------------------------------
 
 
-def _timing_line(c: Completion) -> str:
-    t = c.timing
-    where = c.prompt_machine if c.prompt_machine == c.token_machine else \
-        f"{c.prompt_machine} -> {c.token_machine}"
-    reroutes = f", {c.num_reroutes} reroutes" if c.num_reroutes else ""
-    return (f"[{c.request_id}] {len(c.token_ids)} tokens ({c.num_prompt_tokens} prompt), "
-            f"{c.finish_reason}; ttft {t.ttft_s:.3f} s, tpot {t.tpot_s * 1e3:.1f} ms, "
-            f"max tbt {t.max_tbt_s * 1e3:.1f} ms, e2e {t.e2e_s:.3f} s, queue {t.queue_s:.3f} s; "
-            f"{where}{reroutes}")
-
-
-def _stream_answer(client: ClsClient, prompt: str, **sampling) -> Completion:
-    """Writes the text to stdout as it arrives; returns the completion."""
-    with client.generate_stream(prompt, **sampling) as stream:
-        for delta in stream:
-            sys.stdout.write(delta.text)
-            sys.stdout.flush()
-        done = stream.completion()
-    print()
-    return done
-
-
 def _cmd_generate(args: argparse.Namespace, client: ClsClient) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, chat=args.chat, timeout_s=args.timeout)
     if args.json:
-        _print_json(asdict(client.generate(prompt, **sampling)))
+        print_json(asdict(client.generate(prompt, **sampling)))
         return 0
     if args.no_stream:
         done = client.generate(prompt, **sampling)
         print(done.text)
     else:
-        done = _stream_answer(client, prompt, **sampling)
-    print(_timing_line(done), file=sys.stderr)
+        done = stream_answer(client, prompt, **sampling)
+    print(timing_line(done), file=sys.stderr)
     return 0
 
 
@@ -328,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(groups)
     _add_pools(groups)
     _add_machines(groups)
-    local_cli.add_parser(groups)
-    simulate_cli.add_parser(groups)
+    local_up.add_parser(groups)
+    simulate.add_parser(groups)
     bench_cli.add_parser(groups)
     return parser
 

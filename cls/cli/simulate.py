@@ -17,6 +17,9 @@ import json
 import sys
 from pathlib import Path
 
+from cls.cli.progress import advance_to_callback
+from daemon.settings import ConfigError
+
 
 def _lengths(text: str):
     """'512' -> 512, '100:2000' -> (100, 2000)."""
@@ -42,8 +45,6 @@ def _rates(text: str) -> list[float]:
 
 def _progress_for(enabled: bool):
     """A progress bar per run, advanced as the simulator routes arrivals."""
-    from cls.progress import advance_to_callback
-
     return lambda label, total: advance_to_callback(total, label, enabled)
 
 
@@ -82,12 +83,12 @@ def _print_sweep(name: str, runs, goodput, out) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    # Here, not at the top: numpy and the simulator load only when a simulation runs.
     from cls.sim_design import SimDesignConfig
     from cls.sim_report import SloError, parse_slo
     from cls.sim_runs import Workload, plot, run_once, sweep
     from cls.traces import TraceError, trace_lengths
     from engine.modelled import ProfileError
-    from mls.config import ConfigError
 
     out = sys.stdout
     try:

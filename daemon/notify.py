@@ -1,4 +1,7 @@
-"""systemd's notify protocol with the standard library (no-op when not run by systemd)."""
+"""systemd's notify protocol with the standard library (no-op when not run by systemd).
+
+Both daemons send READY=1, WATCHDOG=1 and STOPPING=1 through daemon/lifecycle.py.
+"""
 
 from __future__ import annotations
 
