@@ -31,9 +31,9 @@ sys.path.insert(0, str(REPO))
 
 from cls.cli.local_cluster import LocalCluster, LocalConfig, write_local_config  # noqa: E402
 from cls.client import AsyncClsClient  # noqa: E402
-from cls.sim_result import percentile  # noqa: E402
-from cls.simulator import ClusterDesign, Simulator  # noqa: E402
-from cls.traces import load_azure_trace  # noqa: E402
+from cls.sim.result import percentile  # noqa: E402
+from cls.sim.simulator import ClusterDesign, Simulator  # noqa: E402
+from cls.sim.traces import load_azure_trace  # noqa: E402
 from engine.modelled import ProfileLatencyModel  # noqa: E402
 
 PROFILE = REPO.parent / "shared" / "profiles" / "splitwise_perf_model.csv"

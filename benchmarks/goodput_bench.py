@@ -49,7 +49,6 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cls import report_plots  # noqa: E402
 from cls.bench.arrivals import offsets_s, unit_gaps  # noqa: E402
 from cls.bench.backends import make_backend  # noqa: E402
 from cls.bench.datasets import BenchRequest, PromptMaker, azure_lengths, build_requests  # noqa: E402
@@ -57,6 +56,7 @@ from cls.bench.metrics import goodput_rate, request_tpot_s  # noqa: E402
 from cls.bench.outputs import RequestOutput  # noqa: E402
 from cls.bench.runner import run_requests  # noqa: E402
 from cls.cli.local_cluster import LocalCluster, LocalConfig, write_local_config  # noqa: E402
+from cls.sim import plots as report_plots  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
 
 DEMO = REPO / "models" / "SmolLM2-135M-Instruct"

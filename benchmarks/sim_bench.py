@@ -32,10 +32,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cls.sim_design import SimDesignConfig  # noqa: E402
-from cls.sim_report import SPLITWISE_SLO  # noqa: E402
-from cls.sim_runs import Workload, run_once, sweep  # noqa: E402
-from cls.traces import trace_lengths  # noqa: E402
+from cls.sim.design import SimDesignConfig  # noqa: E402
+from cls.sim.report import SPLITWISE_SLO  # noqa: E402
+from cls.sim.runs import Workload, run_once, sweep  # noqa: E402
+from cls.sim.traces import trace_lengths  # noqa: E402
 
 TRACES = {"code": REPO.parent / "shared" / "traces" / "AzureLLMInferenceTrace_code.csv",
           "conv": REPO.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"}

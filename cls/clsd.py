@@ -6,7 +6,7 @@
    (cls/http/server.py, uvicorn as a task in this event loop), prints one READY line (JSON with
    the bound ports) and tells systemd READY=1 (daemon/lifecycle.py, shared with mlsd).
 2. Machines register and heartbeat (cls/registry.py); clients call Generate (cls/service.py),
-   and each request runs through the Dispatcher (cls/requests.py).
+   and each request runs through the Dispatcher (cls/dispatcher.py).
 3. While serving, a watchdog task sends WATCHDOG=1 as long as the event loop turns, and a
    metrics task refreshes pool gauges once a second.
 4. SIGTERM/SIGINT only set an event. Drain: health NOT_SERVING (HTTP /health 503), STOPPING=1,

@@ -26,10 +26,10 @@ import time
 import grpc
 
 from cls.config import ClsConfig
+from cls.dispatcher import ClusterRequest, Dispatcher, RequestError
 from cls.metrics import ClsMetrics
 from cls.pools import Pool, PoolError, Pools
 from cls.registry import RegistrationError, Registry
-from cls.requests import ClusterRequest, Dispatcher, RequestError
 from cls.router import Router
 from engine.sequence import InvalidRequestError
 from engine.sequence import SamplingParams as EngineSampling

@@ -36,7 +36,7 @@ from cls.bench.metrics import (
 from cls.bench.openai_backend import DONE, chunk_text, error_message, parse_sse_line
 from cls.bench.outputs import RequestOutput
 from cls.bench.report import format_summary, result_json
-from cls.traces import load_azure_trace
+from cls.sim.traces import load_azure_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -248,7 +248,7 @@ def test_summary_layout_and_json_keys_follow_vllm():
 
 
 def test_report_plots_write_pngs(tmp_path):
-    from cls import report_plots
+    from cls.sim import plots as report_plots
 
     paths = [report_plots.latency_cdf({"a": [1, 2, 3], "empty": []}, tmp_path / "x" / "cdf.png", slo=2),
              report_plots.attainment_vs_rate({"d": ([1, 2], [1.0, 0.5])}, tmp_path / "att.png"),

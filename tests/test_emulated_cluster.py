@@ -14,8 +14,8 @@ import urllib.request
 import pytest
 
 from cls.client import AsyncClsClient
-from cls.simulator import ClusterDesign, Simulator
-from cls.traces import Arrival
+from cls.sim.simulator import ClusterDesign, Simulator
+from cls.sim.traces import Arrival
 from engine.config import EngineConfig
 from engine.modelled import ProfileLatencyModel
 from engine.modelled_engine import ModelledEngine

@@ -13,8 +13,8 @@ import random
 
 import pytest
 
-from cls.simulator import ClusterDesign, Simulator
-from cls.traces import Arrival
+from cls.sim.simulator import ClusterDesign, Simulator
+from cls.sim.traces import Arrival
 from engine.config import EngineConfig
 from engine.modelled import LatencyModel
 from engine.modelled_engine import ModelledEngine

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cls.sim_report import SPLITWISE_SLO, Reference, SloError, SloReport, goodput_rate, parse_slo
-from cls.sim_result import percentile
-from cls.simulator import ClusterDesign, Simulator
-from cls.traces import Arrival, TraceError, gamma_arrivals, load_azure_trace, poisson_arrivals
+from cls.sim.report import SPLITWISE_SLO, Reference, SloError, SloReport, goodput_rate, parse_slo
+from cls.sim.result import percentile
+from cls.sim.simulator import ClusterDesign, Simulator
+from cls.sim.traces import Arrival, TraceError, gamma_arrivals, load_azure_trace, poisson_arrivals
 from engine.modelled import LINKS, MODEL_SHAPES, LatencyModel, ProfileLatencyModel, kv_transfer_s
 from tests.conftest import SHARED
 
@@ -361,7 +361,7 @@ def test_clsctl_simulate_sweeps_two_designs_and_writes_goodput_plots_and_json(tm
 
 
 def test_a_renamed_design_key_still_loads_with_a_warning_naming_the_new_key(tmp_path):
-    from cls.sim_design import SimDesignConfig
+    from cls.sim.design import SimDesignConfig
 
     path = tmp_path / "d.yaml"
     path.write_text("name: d\nnum_prompt: 1\nnum_token: 1\nprofile: null\nmax_batch_size: 7\n")

@@ -8,6 +8,6 @@ One idea per module:
 - `metrics`: pure figures from the per-request results (percentiles, TPOT, goodput by SLO).
 - `progress`: a tiny progress bar on stderr.
 - `report`: the end-of-run summary table (vLLM's layout) and the result JSON (vLLM's keys).
-- `plots`: the PNGs of a run, drawn with the generic helpers in `cls/report_plots.py`.
+- `plots`: the PNGs of a run, drawn with the generic helpers in `cls/sim/plots.py`.
 - `cli`: the command line (`add_parser` is what `cls/cli/clsctl.py` registers).
 """

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from cls.traces import TraceError, load_azure_trace
+from cls.sim.traces import TraceError, load_azure_trace
 
 TRACE_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
 AZURE_TRACES = {"azure-conv": "AzureLLMInferenceTrace_conv.csv",

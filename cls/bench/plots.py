@@ -1,4 +1,4 @@
-"""The PNGs of a bench run (or sweep), drawn with cls/report_plots.py.
+"""The PNGs of a bench run (or sweep), drawn with cls/sim/plots.py.
 
 Files in the plot folder:
 - `ttft_cdf.png`, `tpot_cdf.png`, `itl_cdf.png`, `e2el_cdf.png`: latency CDFs in ms, one line
@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from cls import report_plots
 from cls.bench.metrics import request_tpot_s
 from cls.bench.outputs import RequestOutput
+from cls.sim import plots as report_plots
 
 
 def write_plots(runs: Mapping[str, Sequence[RequestOutput]], plot_dir: str | Path, *,

@@ -6,7 +6,7 @@
         --trace ../shared/traces/AzureLLMInferenceTrace_conv.csv --duration 120 --sweep 40,70,100 \
         --plots out/sim --json out/sim.json
 
-The simulator (cls/simulator.py) drives the daemons' own pools, router and machine policies;
+The simulator (cls/sim/simulator.py) drives the daemons' own pools, router and machine policies;
 step times come from engine/modelled.py. Torch is never imported.
 """
 
@@ -84,10 +84,10 @@ def _print_sweep(name: str, runs, goodput, out) -> None:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     # Here, not at the top: numpy and the simulator load only when a simulation runs.
-    from cls.sim_design import SimDesignConfig
-    from cls.sim_report import SloError, parse_slo
-    from cls.sim_runs import Workload, plot, run_once, sweep
-    from cls.traces import TraceError, trace_lengths
+    from cls.sim.design import SimDesignConfig
+    from cls.sim.report import SloError, parse_slo
+    from cls.sim.runs import Workload, plot, run_once, sweep
+    from cls.sim.traces import TraceError, trace_lengths
     from engine.modelled import ProfileError
 
     out = sys.stdout

@@ -34,8 +34,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
+from cls.dispatcher import ClusterRequest, RequestError
 from cls.http.schema import ApiError, ParsedRequest, parse_body, parse_chat, parse_completion
-from cls.requests import ClusterRequest, RequestError
 from cls.service import ClusterState
 from cls.stop_strings import StopMatcher
 from daemon.settings import ConfigError

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from cls.ledger import Ledger
 from cls.pools import Pool, PoolMove, Pools
 from cls.router import NoMachine, Router
-from cls.sim_result import RequestRecord, SimResult
-from cls.traces import Arrival
+from cls.sim.result import RequestRecord, SimResult
+from cls.sim.traces import Arrival
 from engine.modelled import LINKS, LatencyModel, ModelShape, kv_transfer_s
 from mls.policy import Job, MachineScheduler, TurnPlan, TurnResult, WorkKind
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cls.sim_design import SimDesignConfig
-from cls.sim_report import Reference, SloReport, goodput_rate
-from cls.sim_result import SimResult
-from cls.simulator import Simulator
-from cls.traces import Arrival, LengthSpec, gamma_arrivals, load_azure_trace
+from cls.sim.design import SimDesignConfig
+from cls.sim.report import Reference, SloReport, goodput_rate
+from cls.sim.result import SimResult
+from cls.sim.simulator import Simulator
+from cls.sim.traces import Arrival, LengthSpec, gamma_arrivals, load_azure_trace
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def sweep(cfg: SimDesignConfig, workload: Workload, rates: list[float], targets:
 
 def plot(designs: dict[str, list[RunReport]], out_dir: str | Path) -> list[Path]:
     """PNGs into out_dir; returns their paths. The CDFs and pool sizes use each design's last run."""
-    from cls import report_plots
+    from cls.sim import plots as report_plots
 
     out = Path(out_dir)
     last = {name: runs[-1] for name, runs in designs.items() if runs}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cls.sim_result import SimResult
+from cls.sim.result import SimResult
 from engine.modelled import LatencyModel
 
 METRICS = ("ttft", "tbt", "e2e")

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from cls.simulator import ClusterDesign
+from cls.sim.simulator import ClusterDesign
 from daemon.settings import ConfigError, from_dict, load_yaml
 from engine.modelled import (
     DECODE_AXES,
