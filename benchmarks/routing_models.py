@@ -10,8 +10,9 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
-from cls.pools import Machine, Pool, Pools
+from cls.pools import Machine, Pools
 from cls.router import Router
+from proto.roles import Role
 
 BLOCK_SIZE = 16
 # KV blocks of 16 tokens a machine holds after weights and activations, bf16:
@@ -43,12 +44,12 @@ class SortedJsq:
 
     def credit_prompt(self, machine_id: str, num_tokens: int) -> None:
         self.pools.credit_prompt(machine_id, num_tokens)
-        if self.machines[machine_id].role == Pool.MIXED:
+        if self.machines[machine_id].role == Role.MIXED:
             self.pools.return_idle(machine_id)
 
     def credit_decode(self, machine_id: str, num_tokens: int, num_blocks: int) -> None:
         self.pools.credit_decode(machine_id, num_tokens, num_blocks)
-        if self.machines[machine_id].role == Pool.MIXED:
+        if self.machines[machine_id].role == Role.MIXED:
             self.pools.return_idle(machine_id)
 
     def report(self, machine_id: str, prompt: int, queue: int, decode: int, free: int) -> None:
@@ -63,8 +64,8 @@ class LinearJsq:
 
     def __init__(self, machines: list[Machine]):
         self.machines = {m.machine_id: Machine(**vars(m)) for m in machines}
-        self.prompt_pool = [m for m in self.machines.values() if m.role == Pool.PROMPT]
-        self.token_pool = [m for m in self.machines.values() if m.role == Pool.TOKEN]
+        self.prompt_pool = [m for m in self.machines.values() if m.role == Role.PROMPT]
+        self.token_pool = [m for m in self.machines.values() if m.role == Role.TOKEN]
 
     def route(self, prompt_len: int, max_tokens: int) -> tuple[str, str, int]:
         need = prompt_len + max_tokens
@@ -123,8 +124,8 @@ class CheckedJsq:
 
     def route(self, prompt_len: int, max_tokens: int) -> tuple[str, str, int]:
         pools = self.fast.pools
-        pm = linear_prompt(pools.members(Pool.PROMPT), prompt_len)
-        tm = linear_token(pools.members(Pool.TOKEN), prompt_len + max_tokens)
+        pm = linear_prompt(pools.members(Role.PROMPT), prompt_len)
+        tm = linear_token(pools.members(Role.TOKEN), prompt_len + max_tokens)
         r = self.fast.router.route(prompt_len, max_tokens)
         if not r.borrowed:
             for expected, got in ((pm, r.prompt_machine), (tm, r.token_machine)):
@@ -140,10 +141,10 @@ def make_cluster(num_machines: int, rng: random.Random) -> list[Machine]:
     """Half prompt, half token machines, each with a random background load already reported."""
     machines = []
     for i in range(num_machines):
-        home = Pool.PROMPT if i < num_machines // 2 else Pool.TOKEN
+        home = Role.PROMPT if i < num_machines // 2 else Role.TOKEN
         total = rng.choice(KV_BLOCKS)
         m = Machine(f"{home.value[0]}{i:05d}", home, home, total, BLOCK_SIZE, MAX_MODEL_LEN)
-        if home == Pool.PROMPT:
+        if home == Role.PROMPT:
             m.prompt_queue_len = rng.choice([0, 0, 0, 1])
             m.pending_prompt_tokens = prompt_len(rng) if m.prompt_queue_len else 0
             m.kv_free_blocks = total - rng.randint(0, total // 10)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cls.pools import Pool, PoolMove, Pools
+from cls.pools import PoolMove, Pools
+from proto.roles import Role
 
 
 class Ledger:
@@ -38,7 +39,7 @@ class Ledger:
 
     def _return_idle(self, machine_id: str) -> None:
         m = self.pools.machines.get(machine_id)
-        if m is not None and m.role == Pool.MIXED:
+        if m is not None and m.role == Role.MIXED:
             for move in self.pools.return_idle(machine_id):
                 if self.on_move is not None:
                     self.on_move(move)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from cls.pools import Pool, Pools
+from cls.pools import Pools
+from proto.roles import Role
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TBT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -32,7 +33,7 @@ class ClsMetrics:
         self._seen = {"borrow": 0, "return": 0}
 
     def observe_pools(self, pools: Pools) -> None:
-        for pool in Pool:
+        for pool in Role:
             members = pools.members(pool)
             self.pool_size.labels(pool.value).set(len(members))
             self.pending.labels(pool.value).set(

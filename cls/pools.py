@@ -19,16 +19,11 @@ thousands of machines.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 from sortedcontainers import SortedList
 
-
-class Pool(enum.StrEnum):
-    PROMPT = "prompt"
-    TOKEN = "token"
-    MIXED = "mixed"
+from proto.roles import Role
 
 
 class PoolError(ValueError):
@@ -38,8 +33,8 @@ class PoolError(ValueError):
 @dataclass
 class Machine:
     machine_id: str
-    home: Pool
-    role: Pool
+    home: Role
+    role: Role
     kv_total_blocks: int
     block_size: int
     max_model_len: int
@@ -60,27 +55,27 @@ class Machine:
 @dataclass(frozen=True)
 class PoolMove:
     machine_id: str
-    from_pool: Pool
-    to_pool: Pool
+    from_pool: Role
+    to_pool: Role
 
 
 class Pools:
     def __init__(self):
         self.machines: dict[str, Machine] = {}
-        self._by_prompt = {p: SortedList() for p in Pool}  # (pending prompt tokens, id)
-        self._by_decode = {p: SortedList() for p in Pool}  # (pending decode tokens, id)
-        self._by_total = {p: SortedList() for p in Pool}  # (pending prompt + decode tokens, id)
+        self._by_prompt = {p: SortedList() for p in Role}  # (pending prompt tokens, id)
+        self._by_decode = {p: SortedList() for p in Role}  # (pending decode tokens, id)
+        self._by_total = {p: SortedList() for p in Role}  # (pending prompt + decode tokens, id)
         self.num_borrowed = self.num_returned = 0
 
     # -- membership ---------------------------------------------------------------------------
 
-    def add(self, machine_id: str, home: Pool, kv_total_blocks: int, block_size: int,
+    def add(self, machine_id: str, home: Role, kv_total_blocks: int, block_size: int,
             max_model_len: int) -> Machine:
         if machine_id in self.machines:
             raise PoolError(f"machine {machine_id!r} is already registered")
-        if home == Pool.MIXED:
+        if home == Role.MIXED:
             raise PoolError(f"machine {machine_id!r}: the home pool must be prompt or token")
-        m = Machine(machine_id, Pool(home), Pool(home), kv_total_blocks, block_size, max_model_len,
+        m = Machine(machine_id, Role(home), Role(home), kv_total_blocks, block_size, max_model_len,
                     kv_free_blocks=kv_total_blocks)
         self.machines[machine_id] = m
         self._index(m)
@@ -98,10 +93,10 @@ class Pools:
         except KeyError:
             raise PoolError(f"unknown machine {machine_id!r}") from None
 
-    def members(self, pool: Pool) -> list[Machine]:
+    def members(self, pool: Role) -> list[Machine]:
         return [m for m in self.machines.values() if m.role == pool]
 
-    def pending_tokens(self, pool: Pool) -> int:
+    def pending_tokens(self, pool: Role) -> int:
         return sum(m.pending_prompt_tokens + m.pending_decode_tokens for m in self.members(pool))
 
     # -- load ---------------------------------------------------------------------------------
@@ -140,21 +135,21 @@ class Pools:
 
     # -- JSQ lookups (O(log n)) ---------------------------------------------------------------
 
-    def least_prompt_loaded(self, pool: Pool) -> Machine | None:
+    def least_prompt_loaded(self, pool: Role) -> Machine | None:
         idx = self._by_prompt[pool]
         return self.machines[idx[0][1]] if idx else None
 
-    def by_prompt_load(self, pool: Pool):
+    def by_prompt_load(self, pool: Role):
         """Machines of `pool`, fewest pending prompt tokens first (a lazy iterator)."""
         for _, machine_id in self._by_prompt[pool]:
             yield self.machines[machine_id]
 
-    def by_decode_load(self, pool: Pool):
+    def by_decode_load(self, pool: Role):
         """Machines of `pool`, least pending decode work first (a lazy iterator)."""
         for _, machine_id in self._by_decode[pool]:
             yield self.machines[machine_id]
 
-    def by_total_load(self, pool: Pool):
+    def by_total_load(self, pool: Role):
         """Machines of `pool`, fewest pending prompt + decode tokens first (a lazy iterator)."""
         for _, machine_id in self._by_total[pool]:
             yield self.machines[machine_id]
@@ -163,9 +158,9 @@ class Pools:
 
     def borrow(self, machine_id: str) -> PoolMove:
         m = self.get(machine_id)
-        if m.role == Pool.MIXED:
+        if m.role == Role.MIXED:
             raise PoolError(f"machine {machine_id!r} is already in the mixed pool")
-        move = self._move(m, Pool.MIXED)
+        move = self._move(m, Role.MIXED)
         self.num_borrowed += 1
         return move
 
@@ -175,9 +170,9 @@ class Pools:
         moves = []
         for mid in ids:
             m = self.machines.get(mid)
-            if m is None or m.role != Pool.MIXED:
+            if m is None or m.role != Role.MIXED:
                 continue
-            other_work = (m.pending_prompt_tokens or m.prompt_queue_len) if m.home == Pool.TOKEN \
+            other_work = (m.pending_prompt_tokens or m.prompt_queue_len) if m.home == Role.TOKEN \
                 else m.pending_decode_tokens
             if not other_work:
                 moves.append(self._move(m, m.home))
@@ -194,18 +189,18 @@ class Pools:
         if num_prompt < 0 or num_token < 0 or num_prompt + num_token != total:
             raise PoolError(f"pool sizes must be non-negative and sum to the {total} registered "
                             f"machines, got prompt={num_prompt} token={num_token}")
-        homes = {p: [m for m in self.machines.values() if m.home == p] for p in (Pool.PROMPT, Pool.TOKEN)}
-        surplus = len(homes[Pool.PROMPT]) - num_prompt
+        homes = {p: [m for m in self.machines.values() if m.home == p] for p in (Role.PROMPT, Role.TOKEN)}
+        surplus = len(homes[Role.PROMPT]) - num_prompt
         if surplus == 0:
             return []
-        src, dst = (Pool.PROMPT, Pool.TOKEN) if surplus > 0 else (Pool.TOKEN, Pool.PROMPT)
+        src, dst = (Role.PROMPT, Role.TOKEN) if surplus > 0 else (Role.TOKEN, Role.PROMPT)
         # The machines holding the least work of the role they leave move first.
-        key = (lambda m: (m.pending_prompt_tokens, m.machine_id)) if src == Pool.PROMPT \
+        key = (lambda m: (m.pending_prompt_tokens, m.machine_id)) if src == Role.PROMPT \
             else (lambda m: (m.pending_decode_tokens, m.machine_id))
         moves = []
         for m in sorted(homes[src], key=key)[:abs(surplus)]:
             m.home = dst
-            if m.role != Pool.MIXED:  # a borrowed machine returns to its new home when idle
+            if m.role != Role.MIXED:  # a borrowed machine returns to its new home when idle
                 moves.append(self._move(m, dst))
             else:
                 moves.append(PoolMove(m.machine_id, src, dst))
@@ -222,9 +217,9 @@ class Pools:
     # -- internals ----------------------------------------------------------------------------
 
     def _mixed_ids(self):
-        return [m.machine_id for m in self.machines.values() if m.role == Pool.MIXED]
+        return [m.machine_id for m in self.machines.values() if m.role == Role.MIXED]
 
-    def _move(self, m: Machine, to: Pool) -> PoolMove:
+    def _move(self, m: Machine, to: Role) -> PoolMove:
         move = PoolMove(m.machine_id, m.role, to)
         self._unindex(m)
         m.role = to

@@ -23,15 +23,23 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from cls.pools import Pool, PoolError, Pools
+from cls.pools import PoolError, Pools
 from cls.work_stream import WorkStream
 from proto import mlsd_pb2 as mpb
 from proto import mlsd_pb2_grpc
+from proto.roles import Role
 
 log = logging.getLogger("clsd.registry")
 
 SUBSCRIBE_TIMEOUT_S = 10.0
-HOME_POOLS = {mpb.PROMPT: Pool.PROMPT, mpb.TOKEN: Pool.TOKEN, mpb.MIXED: Pool.TOKEN}
+
+
+def home_of(role: int) -> Role:
+    """A registering machine's home pool from its configured role (unset: token)."""
+    try:
+        return Role.from_pb(role).home
+    except ValueError:
+        return Role.TOKEN
 
 
 class RegistrationError(ValueError):
@@ -96,7 +104,7 @@ class Registry:
         try:
             if not link.subscribed.is_set():
                 raise TimeoutError(f"cannot subscribe to the event stream of {address}")
-            self.pools.add(info.machine_id, HOME_POOLS.get(info.role, Pool.TOKEN), info.kv_num_blocks,
+            self.pools.add(info.machine_id, home_of(info.role), info.kv_num_blocks,
                            info.kv_block_size, info.max_model_len)
         except (TimeoutError, PoolError) as e:
             link.stream_task.cancel()

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cls.pools import Machine, Pool, PoolMove, Pools
+from cls.pools import Machine, PoolMove, Pools
+from proto.roles import Role
 
 
 class NoMachine(RuntimeError):
@@ -76,7 +77,7 @@ class Router:
     def _route_colocated(self, prompt_len: int, max_tokens: int, exclude) -> Route:
         num_tokens = prompt_len + max_tokens
         best = waiting = None
-        for pool in Pool:
+        for pool in Role:
             for m in self.pools.by_total_load(pool):
                 if m.machine_id in exclude or m.blocks_for(num_tokens) > m.kv_total_blocks:
                     continue
@@ -111,20 +112,20 @@ class Router:
         # Checking each pool's least-loaded machine suffices: Pools keeps an empty queue at zero
         # pending tokens, so when it is long-queued, every machine of the pool is.
         fallback = None
-        for pool in (Pool.PROMPT, Pool.MIXED):
+        for pool in (Role.PROMPT, Role.MIXED):
             m = self._least_prompt(pool, exclude)
             if m is not None and not self._long_queued(m, prompt_len):
                 return m
             if m is not None and (fallback is None
                                   or m.pending_prompt_tokens < fallback.pending_prompt_tokens):
                 fallback = m
-        lender = next((m for m in self.pools.by_decode_load(Pool.TOKEN) if m.machine_id not in exclude), None)
+        lender = next((m for m in self.pools.by_decode_load(Role.TOKEN) if m.machine_id not in exclude), None)
         if lender is not None:
             borrowed.append(self.pools.borrow(lender.machine_id))
             return lender
         return fallback
 
-    def _least_prompt(self, pool: Pool, exclude) -> Machine | None:
+    def _least_prompt(self, pool: Role, exclude) -> Machine | None:
         if not exclude:
             return self.pools.least_prompt_loaded(pool)
         return next((m for m in self.pools.by_prompt_load(pool) if m.machine_id not in exclude), None)
@@ -132,20 +133,20 @@ class Router:
     # -- token side ---------------------------------------------------------------------------
 
     def _choose_token(self, num_tokens: int, exclude, borrowed: list) -> Machine | None:
-        for pool in (Pool.TOKEN, Pool.MIXED):
+        for pool in (Role.TOKEN, Role.MIXED):
             for m in self.pools.by_decode_load(pool):
                 if m.machine_id not in exclude and m.blocks_for(num_tokens) <= m.kv_free_blocks:
                     return m
-        lenders = [m for m in self.pools.by_decode_load(Pool.PROMPT) if m.machine_id not in exclude
+        lenders = [m for m in self.pools.by_decode_load(Role.PROMPT) if m.machine_id not in exclude
                    and m.blocks_for(num_tokens) <= m.kv_free_blocks]
         if lenders:
             lender = min(lenders, key=lambda m: (m.kv_used_blocks, m.machine_id))
             borrowed.append(self.pools.borrow(lender.machine_id))
             return lender
-        for pool in (Pool.TOKEN, Pool.MIXED, Pool.PROMPT):  # none has memory now: wait in line
+        for pool in (Role.TOKEN, Role.MIXED, Role.PROMPT):  # none has memory now: wait in line
             for m in self.pools.by_decode_load(pool):
                 if m.machine_id not in exclude and m.blocks_for(num_tokens) <= m.kv_total_blocks:
-                    if pool == Pool.PROMPT:
+                    if pool == Role.PROMPT:
                         borrowed.append(self.pools.borrow(m.machine_id))
                     return m
         return None

@@ -28,7 +28,7 @@ import grpc
 from cls.config import ClsConfig
 from cls.dispatcher import ClusterRequest, Dispatcher, RequestError
 from cls.metrics import ClsMetrics
-from cls.pools import Pool, PoolError, Pools
+from cls.pools import PoolError, Pools
 from cls.registry import RegistrationError, Registry
 from cls.router import Router
 from engine.sequence import InvalidRequestError
@@ -37,10 +37,10 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from proto import clsd_pb2 as pb
 from proto import clsd_pb2_grpc
 from proto import mlsd_pb2 as mpb
+from proto.roles import Role
 
 log = logging.getLogger("clsd.service")
 
-ROLE_PB = {Pool.PROMPT: mpb.PROMPT, Pool.TOKEN: mpb.TOKEN, Pool.MIXED: mpb.MIXED}
 
 
 class ClusterState:
@@ -70,7 +70,7 @@ class ClusterState:
         m = self.pools.get(machine_id)
         link = self.registry.links[machine_id]
         return pb.MachineStatus(
-            machine_id=machine_id, address=link.address, home=ROLE_PB[m.home], role=ROLE_PB[m.role],
+            machine_id=machine_id, address=link.address, home=m.home.to_pb(), role=m.role.to_pb(),
             draining=m.draining, pending_prompt_tokens=m.pending_prompt_tokens,
             pending_decode_tokens=m.pending_decode_tokens, kv_blocks_free=m.kv_free_blocks,
             kv_blocks_total=m.kv_total_blocks, num_requests=len(link.requests),
@@ -283,8 +283,8 @@ class AdminService(clsd_pb2_grpc.AdminServiceServicer):
         await self._authorize(context)
         pools = self.s.pools
         return pb.ListPoolsReply(
-            pools=[pb.PoolStatus(role=ROLE_PB[p], machine_ids=sorted(m.machine_id for m in pools.members(p)),
-                                 pending_tokens=pools.pending_tokens(p)) for p in Pool],
+            pools=[pb.PoolStatus(role=p.to_pb(), machine_ids=sorted(m.machine_id for m in pools.members(p)),
+                                 pending_tokens=pools.pending_tokens(p)) for p in Role],
             num_borrowed=pools.num_borrowed, num_returned=pools.num_returned)
 
     async def ResizePools(self, request: pb.ResizePoolsRequest, context):
@@ -299,8 +299,8 @@ class AdminService(clsd_pb2_grpc.AdminServiceServicer):
             log.info("resize: machine %s moves from the %s pool to the %s pool", mv.machine_id,
                      mv.from_pool, mv.to_pool)
         return pb.ResizePoolsReply(moves=[pb.PoolMove(machine_id=mv.machine_id,
-                                                      from_pool=ROLE_PB[mv.from_pool],
-                                                      to_pool=ROLE_PB[mv.to_pool]) for mv in moves])
+                                                      from_pool=mv.from_pool.to_pb(),
+                                                      to_pool=mv.to_pool.to_pb()) for mv in moves])
 
     async def DrainMachine(self, request, context):
         return await self._set_draining(request, context, True)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from daemon.settings import ConfigError, from_dict, load_yaml
 from mls.policy.mixed import DEFAULT_MAX_NUM_BATCHED_TOKENS, MIXED_POLICIES
+from proto.roles import Role
 
-ROLES = ("prompt", "token", "mixed")
+ROLES = tuple(Role)  # their values: "prompt", "token", "mixed"
 TRANSPORTS = ("tcp", "ucx", "local", "shm")
 BACKENDS = ("torch", "modelled")
 
@@ -99,7 +100,7 @@ class MlsConfig:
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
-            raise ConfigError(f"role must be one of {ROLES}, got {self.role!r}")
+            raise ConfigError(f"role must be one of {tuple(map(str, ROLES))}, got {self.role!r}")
         if self.engine.backend not in BACKENDS:
             raise ConfigError(f"engine.backend must be one of {BACKENDS}, got {self.engine.backend!r}")
         if self.engine.backend == "modelled":

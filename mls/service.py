@@ -26,13 +26,13 @@ from mls.work import WorkServer
 from mls.worker import EngineWorker
 from proto import mlsd_pb2 as pb
 from proto import mlsd_pb2_grpc
+from proto.roles import Role
 
 log = logging.getLogger("mlsd.service")
 
 STATUS = {BadRequest: grpc.StatusCode.INVALID_ARGUMENT, Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
           Draining: grpc.StatusCode.UNAVAILABLE, Aborted: grpc.StatusCode.CANCELLED,
           Failed: grpc.StatusCode.INTERNAL}
-ROLES = {"prompt": pb.PROMPT, "token": pb.TOKEN, "mixed": pb.MIXED}
 EVENT_KINDS = {k: pb.RequestEvent.Kind.Value(k.name) for k in EventKind}  # the one conversion
 SUBSCRIBER_QUEUE_LEN = 4096
 
@@ -189,13 +189,13 @@ class MachineService(mlsd_pb2_grpc.MachineServiceServicer):
     # registration with clsd sends them (mls/registration.py). `role` is the home role.
 
     def load_report(self) -> pb.LoadReport:
-        return pb.LoadReport(machine_id=self.cfg.machine_id, role=ROLES[self.cfg.role],
+        return pb.LoadReport(machine_id=self.cfg.machine_id, role=Role(self.cfg.role).to_pb(),
                              draining=self.draining, **self.worker.load())
 
     def info(self) -> pb.MachineInfo:
         e, mc = self.engine, self.engine.model_config
         return pb.MachineInfo(
-            machine_id=self.cfg.machine_id, role=ROLES[self.cfg.role], model=self.cfg.engine.model,
+            machine_id=self.cfg.machine_id, role=Role(self.cfg.role).to_pb(), model=self.cfg.engine.model,
             dtype=str(e.dtype).removeprefix("torch."), max_model_len=e.max_model_len,
             vocab_size=mc.vocab_size, kv_block_size=e.kv.block_size, kv_num_blocks=e.num_blocks,
             kv_transport=self.cfg.kv_transfer.transport, kv_address=self.kv_address,

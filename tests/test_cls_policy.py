@@ -10,8 +10,9 @@ import random
 
 import pytest
 
-from cls.pools import Pool, PoolError, PoolMove, Pools
+from cls.pools import PoolError, PoolMove, Pools
 from cls.router import NoMachine, Route, Router
+from proto.roles import Role
 
 BLOCK_SIZE = 16
 LIMIT = 8192  # prompt_queue_limit_tokens
@@ -24,9 +25,9 @@ def make_pools(num_prompt: int = 2, num_token: int = 2, kv_blocks: int = 1000,
     """`p0..` in the prompt pool, `t0..` in the token pool, all idle with `kv_blocks` free."""
     pools = Pools()
     for i in range(num_prompt):
-        pools.add(f"p{i}", Pool.PROMPT, kv_blocks, BLOCK_SIZE, max_model_len)
+        pools.add(f"p{i}", Role.PROMPT, kv_blocks, BLOCK_SIZE, max_model_len)
     for i in range(num_token):
-        pools.add(f"t{i}", Pool.TOKEN, kv_blocks, BLOCK_SIZE, max_model_len)
+        pools.add(f"t{i}", Role.TOKEN, kv_blocks, BLOCK_SIZE, max_model_len)
     return pools
 
 
@@ -52,14 +53,14 @@ def random_report(pools: Pools, machine_id: str, rng: random.Random, skew: float
 
 def assert_indexes_consistent(pools: Pools) -> None:
     """Every pool's sorted lists equal a recomputation from `pools.machines`; fields in range."""
-    for pool in Pool:
+    for pool in Role:
         live = [m for m in pools.machines.values() if m.role == pool and not m.draining]
         assert list(pools._by_prompt[pool]) == sorted((m.pending_prompt_tokens, m.machine_id) for m in live)
         assert list(pools._by_decode[pool]) == sorted((m.pending_decode_tokens, m.machine_id) for m in live)
         assert list(pools._by_total[pool]) == sorted(
             (m.pending_prompt_tokens + m.pending_decode_tokens, m.machine_id) for m in live)
     for m in pools.machines.values():
-        assert m.home in (Pool.PROMPT, Pool.TOKEN)
+        assert m.home in (Role.PROMPT, Role.TOKEN)
         assert m.pending_prompt_tokens >= 0 and m.prompt_queue_len >= 0 and m.pending_decode_tokens >= 0
         assert 0 <= m.kv_free_blocks <= m.kv_total_blocks
 
@@ -82,39 +83,39 @@ def reference_route(pools: Pools, prompt_len: int, max_tokens: int, limit: int =
 
     borrowed: list[str] = []
     prompt = None
-    for pool in (Pool.PROMPT, Pool.MIXED):
+    for pool in (Role.PROMPT, Role.MIXED):
         ok = [m for m in members(pool) if not long_queued(m)]
         if ok:
             prompt = min(ok, key=lambda m: (m.pending_prompt_tokens, m.machine_id))
             break
-    if prompt is None and members(Pool.TOKEN):
-        prompt = min(members(Pool.TOKEN), key=decode_key)
-        role[prompt.machine_id] = Pool.MIXED
+    if prompt is None and members(Role.TOKEN):
+        prompt = min(members(Role.TOKEN), key=decode_key)
+        role[prompt.machine_id] = Role.MIXED
         borrowed.append(prompt.machine_id)
     if prompt is None:  # every prompt-capable machine is long-queued: the least-loaded one
-        queued = members(Pool.PROMPT) + members(Pool.MIXED)
+        queued = members(Role.PROMPT) + members(Role.MIXED)
         if queued:
-            prompt = min(queued, key=lambda m: (m.pending_prompt_tokens, role[m.machine_id] != Pool.PROMPT,
+            prompt = min(queued, key=lambda m: (m.pending_prompt_tokens, role[m.machine_id] != Role.PROMPT,
                                                 m.machine_id))
 
     need = prompt_len + max_tokens
     token = None
-    for pool in (Pool.TOKEN, Pool.MIXED):
+    for pool in (Role.TOKEN, Role.MIXED):
         ok = [m for m in members(pool) if m.blocks_for(need) <= m.kv_free_blocks]
         if ok:
             token = min(ok, key=decode_key)
             break
     if token is None:
-        ok = [m for m in members(Pool.PROMPT) if m.blocks_for(need) <= m.kv_free_blocks]
+        ok = [m for m in members(Role.PROMPT) if m.blocks_for(need) <= m.kv_free_blocks]
         if ok:
             token = min(ok, key=lambda m: (m.kv_used_blocks, m.machine_id))
             borrowed.append(token.machine_id)
     if token is None:  # nothing has the memory now: wait on the least-loaded that ever could
-        for pool in (Pool.TOKEN, Pool.MIXED, Pool.PROMPT):
+        for pool in (Role.TOKEN, Role.MIXED, Role.PROMPT):
             ok = [m for m in members(pool) if m.blocks_for(need) <= m.kv_total_blocks]
             if ok:
                 token = min(ok, key=decode_key)
-                if pool == Pool.PROMPT:
+                if pool == Role.PROMPT:
                     borrowed.append(token.machine_id)
                 break
     if token is None:
@@ -136,7 +137,7 @@ def route_checked(router: Router, prompt_len: int, max_tokens: int,
         return None
     r = router.route(prompt_len, max_tokens, exclude)
     assert (r.prompt_machine, r.token_machine, [mv.machine_id for mv in r.borrowed]) == expected
-    assert all(mv.to_pool == Pool.MIXED for mv in r.borrowed)
+    assert all(mv.to_pool == Role.MIXED for mv in r.borrowed)
     assert not {r.prompt_machine, r.token_machine} & exclude
     pm, tm = pools.get(r.prompt_machine), pools.get(r.token_machine)
     assert r.num_blocks == tm.blocks_for(prompt_len + max_tokens)
@@ -263,10 +264,10 @@ def test_long_queued_everywhere_borrows_the_token_machine_with_least_decode_work
     report(pools, "t2", decode=200)
     r = route_checked(router, 100, 10)
     assert r.prompt_machine == "t1"
-    assert r.borrowed == [PoolMove("t1", Pool.TOKEN, Pool.MIXED)]
+    assert r.borrowed == [PoolMove("t1", Role.TOKEN, Role.MIXED)]
     t1 = pools.get("t1")
-    assert (t1.home, t1.role) == (Pool.TOKEN, Pool.MIXED) and pools.num_borrowed == 1
-    assert [m.machine_id for m in pools.members(Pool.MIXED)] == ["t1"]
+    assert (t1.home, t1.role) == (Role.TOKEN, Role.MIXED) and pools.num_borrowed == 1
+    assert [m.machine_id for m in pools.members(Role.MIXED)] == ["t1"]
 
 
 def test_an_idle_machine_takes_a_prompt_longer_than_the_limit():
@@ -291,18 +292,18 @@ def test_return_idle_waits_for_the_work_of_the_other_kind():
         report(pools, mid, prompt=9000, queue=2)
     r = route_checked(router, 100, 10)
     lender = r.prompt_machine
-    assert r.borrowed and pools.get(lender).role == Pool.MIXED
+    assert r.borrowed and pools.get(lender).role == Role.MIXED
     assert pools.return_idle(lender) == [] and pools.num_returned == 0  # its prompt is queued
     pools.credit_prompt(lender, 100)
-    assert pools.return_idle() == [PoolMove(lender, Pool.MIXED, Pool.TOKEN)]
-    assert pools.get(lender).role == Pool.TOKEN and pools.num_returned == 1
+    assert pools.return_idle() == [PoolMove(lender, Role.MIXED, Role.TOKEN)]
+    assert pools.get(lender).role == Role.TOKEN and pools.num_returned == 1
     assert pools.return_idle() == []  # nothing left in the mixed pool
 
     pools.borrow("p0")  # a prompt machine borrowed for decode work returns when that is done
     pools.charge_decode(pools.get("p0"), 50, 4)
     assert pools.return_idle("p0") == []
     pools.credit_decode("p0", 50, 4)
-    assert pools.return_idle("p0") == [PoolMove("p0", Pool.MIXED, Pool.PROMPT)]
+    assert pools.return_idle("p0") == [PoolMove("p0", Role.MIXED, Role.PROMPT)]
     assert (pools.num_borrowed, pools.num_returned) == (2, 2)
     pools.borrow("t0")
     with pytest.raises(PoolError, match="already in the mixed pool"):
@@ -331,12 +332,12 @@ def test_no_token_memory_borrows_the_prompt_machine_with_least_kv_in_use():
     report(pools, "p2", prompt=90, free=5)  # 10 blocks don't fit
     r = route_checked(Router(pools), 100, 60)
     assert (r.prompt_machine, r.token_machine) == ("p0", "p1") and not r.colocated
-    assert r.borrowed == [PoolMove("p1", Pool.PROMPT, Pool.MIXED)]
+    assert r.borrowed == [PoolMove("p1", Role.PROMPT, Role.MIXED)]
 
 
 def test_no_free_memory_anywhere_waits_on_the_least_loaded_machine_that_could_hold_it():
     pools = make_pools(1, 3, kv_blocks=100)
-    pools.add("small", Pool.TOKEN, 5, BLOCK_SIZE, 32768)  # can never hold 20 blocks
+    pools.add("small", Role.TOKEN, 5, BLOCK_SIZE, 32768)  # can never hold 20 blocks
     report(pools, "small", free=0)
     report(pools, "t0", decode=50, free=0)
     report(pools, "t1", decode=10, free=3)
@@ -350,12 +351,12 @@ def test_no_free_memory_anywhere_waits_on_the_least_loaded_machine_that_could_ho
 def test_waiting_on_a_prompt_machine_borrows_it():
     pools = make_pools(2, 1, kv_blocks=100)
     pools.remove("t0")
-    pools.add("t0", Pool.TOKEN, 10, BLOCK_SIZE, 32768)  # too small for this request
+    pools.add("t0", Role.TOKEN, 10, BLOCK_SIZE, 32768)  # too small for this request
     report(pools, "p0", prompt=100, decode=20, free=0)
     report(pools, "p1", prompt=200, decode=10, free=0)
     r = route_checked(Router(pools), 300, 20)
     assert (r.prompt_machine, r.token_machine) == ("p0", "p1")
-    assert r.borrowed == [PoolMove("p1", Pool.PROMPT, Pool.MIXED)]
+    assert r.borrowed == [PoolMove("p1", Role.PROMPT, Role.MIXED)]
 
 
 def test_no_machine_when_empty_all_draining_or_too_large():
@@ -377,7 +378,7 @@ def test_too_large_for_every_machine_is_no_machine_and_undoes_the_borrow():
     report(pools, "p0", prompt=9000, queue=2)  # long-queued: the prompt side borrows t0
     with pytest.raises(NoMachine, match="can hold 1601 tokens"):
         Router(pools).route(1000, 601)
-    assert pools.get("t0").role == Pool.TOKEN and (pools.num_borrowed, pools.num_returned) == (1, 1)
+    assert pools.get("t0").role == Role.TOKEN and (pools.num_borrowed, pools.num_returned) == (1, 1)
     assert pools.get("p0").pending_prompt_tokens == 9000 and pools.get("t0").kv_free_blocks == 100
     assert_indexes_consistent(pools)
 
@@ -406,7 +407,7 @@ def test_one_usable_machine_runs_both_phases(only):
     r = route_checked(Router(pools), 100, 10)
     assert (r.prompt_machine, r.token_machine) == (only, only) and r.colocated
     assert [mv.machine_id for mv in r.borrowed] == [only]
-    assert pools.get(only).role == Pool.MIXED
+    assert pools.get(only).role == Role.MIXED
     r = route_checked(Router(pools), 100, 10)  # now it is the mixed pool: no second borrow
     assert r.colocated and r.borrowed == []
 
@@ -439,7 +440,7 @@ def test_resize_validates_targets():
     with pytest.raises(PoolError, match=r"got prompt=-2 token=6"):
         pools.resize(num_token=6)
     assert pools.resize(3, 1) == [] and pools.resize(num_token=1) == []
-    assert [m.home for m in pools.machines.values()] == [Pool.PROMPT] * 3 + [Pool.TOKEN]
+    assert [m.home for m in pools.machines.values()] == [Role.PROMPT] * 3 + [Role.TOKEN]
 
 
 def test_resize_moves_machines_with_the_least_work_of_the_role_they_leave_first():
@@ -448,16 +449,16 @@ def test_resize_moves_machines_with_the_least_work_of_the_role_they_leave_first(
     report(pools, "p1", prompt=100, decode=900)
     report(pools, "p2", prompt=200)
     moves = pools.resize(num_prompt=1)
-    assert moves == [PoolMove("p1", Pool.PROMPT, Pool.TOKEN), PoolMove("p2", Pool.PROMPT, Pool.TOKEN)]
-    assert [(m.home, m.role) for m in map(pools.get, ("p1", "p2"))] == [(Pool.TOKEN, Pool.TOKEN)] * 2
+    assert moves == [PoolMove("p1", Role.PROMPT, Role.TOKEN), PoolMove("p2", Role.PROMPT, Role.TOKEN)]
+    assert [(m.home, m.role) for m in map(pools.get, ("p1", "p2"))] == [(Role.TOKEN, Role.TOKEN)] * 2
     assert pools.get("p1").pending_prompt_tokens == 100  # it keeps finishing what it holds
-    assert {m.machine_id for m in pools.members(Pool.PROMPT)} == {"p0"}
+    assert {m.machine_id for m in pools.members(Role.PROMPT)} == {"p0"}
     report(pools, "t0", decode=50)
     report(pools, "t1", decode=5)
     report(pools, "t2", decode=5)
     report(pools, "p2", decode=70)
     moves = pools.resize(num_prompt=3, num_token=3)
-    assert moves == [PoolMove("t1", Pool.TOKEN, Pool.PROMPT), PoolMove("t2", Pool.TOKEN, Pool.PROMPT)]
+    assert moves == [PoolMove("t1", Role.TOKEN, Role.PROMPT), PoolMove("t2", Role.TOKEN, Role.PROMPT)]
     assert_indexes_consistent(pools)
 
 
@@ -467,10 +468,10 @@ def test_resize_changes_a_borrowed_machines_home_and_it_returns_there():
     report(pools, "t0", prompt=100, decode=0)
     report(pools, "t1", decode=300)
     moves = pools.resize(num_prompt=3)
-    assert moves == [PoolMove("t0", Pool.TOKEN, Pool.PROMPT)]
+    assert moves == [PoolMove("t0", Role.TOKEN, Role.PROMPT)]
     t0 = pools.get("t0")
-    assert (t0.home, t0.role) == (Pool.PROMPT, Pool.MIXED)
-    assert pools.return_idle() == [PoolMove("t0", Pool.MIXED, Pool.PROMPT)]  # no decode work
+    assert (t0.home, t0.role) == (Role.PROMPT, Role.MIXED)
+    assert pools.return_idle() == [PoolMove("t0", Role.MIXED, Role.PROMPT)]  # no decode work
     assert_indexes_consistent(pools)
 
 
@@ -497,9 +498,9 @@ def test_drain_undrain_and_remove_take_machines_out_of_routing():
         pools.update_load("nope", pending_prompt_tokens=0, prompt_queue_len=0, pending_decode_tokens=0,
                           kv_free_blocks=0)
     with pytest.raises(PoolError, match="already registered"):
-        pools.add("p0", Pool.PROMPT, 10, BLOCK_SIZE, 100)
+        pools.add("p0", Role.PROMPT, 10, BLOCK_SIZE, 100)
     with pytest.raises(PoolError, match="home pool must be prompt or token"):
-        pools.add("m", Pool.MIXED, 10, BLOCK_SIZE, 100)
+        pools.add("m", Role.MIXED, 10, BLOCK_SIZE, 100)
     pools.set_draining("t0", False)
     assert route_checked(router, 10, 10).token_machine == "t0"
     assert_indexes_consistent(pools)
@@ -519,7 +520,7 @@ def test_credits_and_charges_stay_in_range():
     pools.credit_prompt("p0", 100)
     pools.credit_prompt("p0", 100)
     assert (p0.pending_prompt_tokens, p0.prompt_queue_len) == (0, 0)
-    assert pools.pending_tokens(Pool.PROMPT) == 0
+    assert pools.pending_tokens(Role.PROMPT) == 0
     assert_indexes_consistent(pools)
 
 
@@ -547,7 +548,7 @@ def test_indexes_stay_consistent_over_a_long_random_sequence():
             random_report(pools, rng.choice(ids), rng)
         elif op < 0.68 and ids:
             mid = rng.choice(ids)
-            if pools.get(mid).role != Pool.MIXED:
+            if pools.get(mid).role != Role.MIXED:
                 pools.borrow(mid)
         elif op < 0.74:
             pools.return_idle(rng.choice(ids + [None]) if ids else None)
@@ -558,7 +559,7 @@ def test_indexes_stay_consistent_over_a_long_random_sequence():
         elif op < 0.94 and len(ids) > 2:
             pools.remove(rng.choice(ids))
         else:
-            pools.add(f"n{next_id}", rng.choice([Pool.PROMPT, Pool.TOKEN]), rng.choice([50, 300]),
+            pools.add(f"n{next_id}", rng.choice([Role.PROMPT, Role.TOKEN]), rng.choice([50, 300]),
                       BLOCK_SIZE, 32768)
             next_id += 1
         assert_indexes_consistent(pools)

@@ -13,6 +13,7 @@ import grpc
 
 from proto import clsd_pb2 as pb
 from proto import mlsd_pb2
+from proto.roles import Role
 
 # --- errors ---------------------------------------------------------------------------------
 
@@ -71,8 +72,8 @@ def cancelled_here() -> Cancelled:
 
 # --- results --------------------------------------------------------------------------------
 
-ROLE_NAMES = {mlsd_pb2.ROLE_UNSPECIFIED: "unspecified", mlsd_pb2.PROMPT: "prompt",
-              mlsd_pb2.TOKEN: "token", mlsd_pb2.MIXED: "mixed"}
+ROLE_NAMES = {mlsd_pb2.ROLE_UNSPECIFIED: "unspecified", **{r.to_pb(): str(r) for r in Role}}
+"""Proto role values and their names (proto/roles.py has the one conversion)."""
 
 
 @dataclass(frozen=True)

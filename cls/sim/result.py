@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cls.pools import Pool, PoolMove
+from cls.pools import PoolMove
+from proto.roles import Role
 
 
 @dataclass(slots=True)
@@ -76,11 +77,11 @@ class SimResult:
     """Every gap between two consecutive tokens of one request, of all requests."""
     busy_s: dict[str, float]
     """Per machine, the virtual seconds it spent running steps."""
-    initial_roles: dict[str, Pool]
+    initial_roles: dict[str, Role]
 
     @property
     def borrow_events(self) -> list[tuple[float, PoolMove]]:
-        return [(t, m) for t, m in self.pool_events if m.to_pool == Pool.MIXED]
+        return [(t, m) for t, m in self.pool_events if m.to_pool == Role.MIXED]
 
     @property
     def finished(self) -> list[RequestRecord]:
@@ -104,7 +105,7 @@ class SimResult:
         roles = dict(self.initial_roles)
 
         def count() -> dict[str, int]:
-            out = {str(p): 0 for p in Pool}
+            out = {str(p): 0 for p in Role}
             for role in roles.values():
                 out[str(role)] += 1
             return out

@@ -30,12 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cls.ledger import Ledger
-from cls.pools import Pool, PoolMove, Pools
+from cls.pools import PoolMove, Pools
 from cls.router import NoMachine, Router
 from cls.sim.result import RequestRecord, SimResult
 from cls.sim.traces import Arrival
 from engine.modelled import LINKS, LatencyModel, ModelShape, kv_transfer_s
 from mls.policy import Job, MachineScheduler, TurnPlan, TurnResult, WorkKind
+from proto.roles import Role
 
 _UNBOUNDED_QUEUE = 1 << 40  # the simulator measures queueing; it never turns requests away
 _ARRIVAL, _PROMPT_DONE, _TURN_DONE, _KV_READY = 0, 1, 2, 3
@@ -133,7 +134,7 @@ class Simulator:
         self.router = Router(self.pools, d.prompt_queue_limit_tokens, colocated=d.colocated)
         self.ledger = Ledger(self.pools, on_move=lambda move: self.pool_events.append((self.now, move)))
         self.machines: dict[str, _Machine] = {}
-        for home, n in ((Pool.PROMPT, d.num_prompt), (Pool.TOKEN, d.num_token)):
+        for home, n in ((Role.PROMPT, d.num_prompt), (Role.TOKEN, d.num_token)):
             for i in range(n):
                 mid = f"{home}-{i}"
                 self.pools.add(mid, home, d.kv_blocks_per_machine, d.block_size, d.max_model_len)
