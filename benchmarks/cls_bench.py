@@ -89,7 +89,7 @@ def steady_loop(sched, requests, work: Workload, reports_per_decision: float):
             bg, lv = work.background[mid], live[mid]
             used = bg[3] + lv[3]
             sched.report(mid, bg[0] + lv[0], bg[1] + lv[1], bg[2] + lv[2],
-                         max(0, sched.machines[mid].kv_total_blocks - used))
+                         max(0, sched.machines[mid].kv_blocks_total - used))
     return latencies, (perf_ns() - start) / 1e9
 
 

@@ -32,9 +32,9 @@ class SortedJsq:
     def __init__(self, machines: list[Machine]):
         self.pools = Pools()
         for m in machines:
-            self.pools.add(m.machine_id, m.home, m.kv_total_blocks, m.block_size, m.max_model_len)
+            self.pools.add(m.machine_id, m.home, m.kv_blocks_total, m.block_size, m.max_model_len)
             self.report(m.machine_id, m.pending_prompt_tokens, m.prompt_queue_len,
-                        m.pending_decode_tokens, m.kv_free_blocks)
+                        m.pending_decode_tokens, m.kv_blocks_free)
         self.router = Router(self.pools, PROMPT_QUEUE_LIMIT)
         self.machines = self.pools.machines
 
@@ -54,7 +54,7 @@ class SortedJsq:
 
     def report(self, machine_id: str, prompt: int, queue: int, decode: int, free: int) -> None:
         self.pools.update_load(machine_id, pending_prompt_tokens=prompt, prompt_queue_len=queue,
-                               pending_decode_tokens=decode, kv_free_blocks=free)
+                               pending_decode_tokens=decode, kv_blocks_free=free)
         self.pools.return_idle(machine_id)
 
 
@@ -78,7 +78,7 @@ class LinearJsq:
         pm.pending_prompt_tokens += prompt_len
         pm.prompt_queue_len += 1
         tm.pending_decode_tokens += max_tokens
-        tm.kv_free_blocks = max(0, tm.kv_free_blocks - blocks)
+        tm.kv_blocks_free = max(0, tm.kv_blocks_free - blocks)
         return pm.machine_id, tm.machine_id, blocks
 
     def credit_prompt(self, machine_id: str, num_tokens: int) -> None:
@@ -91,12 +91,12 @@ class LinearJsq:
     def credit_decode(self, machine_id: str, num_tokens: int, num_blocks: int) -> None:
         m = self.machines[machine_id]
         m.pending_decode_tokens = max(0, m.pending_decode_tokens - num_tokens)
-        m.kv_free_blocks = min(m.kv_total_blocks, m.kv_free_blocks + num_blocks)
+        m.kv_blocks_free = min(m.kv_blocks_total, m.kv_blocks_free + num_blocks)
 
     def report(self, machine_id: str, prompt: int, queue: int, decode: int, free: int) -> None:
         m = self.machines[machine_id]
         m.pending_prompt_tokens, m.prompt_queue_len = prompt, queue
-        m.pending_decode_tokens, m.kv_free_blocks = decode, free
+        m.pending_decode_tokens, m.kv_blocks_free = decode, free
 
 
 def linear_prompt(pool: list[Machine], prompt_len: int) -> Machine | None:
@@ -108,7 +108,7 @@ def linear_prompt(pool: list[Machine], prompt_len: int) -> Machine | None:
 
 def linear_token(pool: list[Machine], num_tokens: int) -> Machine | None:
     """JSQ by brute force: the least pending decode work among machines with the KV memory free."""
-    ok = [m for m in pool if m.blocks_for(num_tokens) <= m.kv_free_blocks]
+    ok = [m for m in pool if m.blocks_for(num_tokens) <= m.kv_blocks_free]
     return min(ok, key=lambda m: (m.pending_decode_tokens, m.machine_id)) if ok else None
 
 
@@ -147,10 +147,10 @@ def make_cluster(num_machines: int, rng: random.Random) -> list[Machine]:
         if home == Role.PROMPT:
             m.prompt_queue_len = rng.choice([0, 0, 0, 1])
             m.pending_prompt_tokens = prompt_len(rng) if m.prompt_queue_len else 0
-            m.kv_free_blocks = total - rng.randint(0, total // 10)
+            m.kv_blocks_free = total - rng.randint(0, total // 10)
         else:
             m.pending_decode_tokens = rng.randint(0, 20_000)
-            m.kv_free_blocks = total - rng.randint(0, total // 2)
+            m.kv_blocks_free = total - rng.randint(0, total // 2)
         machines.append(m)
     return machines
 
@@ -182,7 +182,7 @@ class Workload:
     @classmethod
     def of(cls, machines: list[Machine], prompt_lag: int, decode_lag: int) -> Workload:
         bg = {m.machine_id: (m.pending_prompt_tokens, m.prompt_queue_len, m.pending_decode_tokens,
-                             m.kv_used_blocks) for m in machines}
+                             m.kv_blocks_used) for m in machines}
         return cls(bg, prompt_lag, decode_lag, live={mid: [0, 0, 0, 0] for mid in bg})
 
     def copy(self) -> Workload:

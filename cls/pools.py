@@ -35,21 +35,21 @@ class Machine:
     machine_id: str
     home: Role
     role: Role
-    kv_total_blocks: int
+    kv_blocks_total: int
     block_size: int
     max_model_len: int
     draining: bool = False
     pending_prompt_tokens: int = 0
     prompt_queue_len: int = 0
     pending_decode_tokens: int = 0
-    kv_free_blocks: int = 0
+    kv_blocks_free: int = 0
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     @property
-    def kv_used_blocks(self) -> int:
-        return self.kv_total_blocks - self.kv_free_blocks
+    def kv_blocks_used(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_free
 
 
 @dataclass(frozen=True)
@@ -69,14 +69,14 @@ class Pools:
 
     # -- membership ---------------------------------------------------------------------------
 
-    def add(self, machine_id: str, home: Role, kv_total_blocks: int, block_size: int,
+    def add(self, machine_id: str, home: Role, kv_blocks_total: int, block_size: int,
             max_model_len: int) -> Machine:
         if machine_id in self.machines:
             raise PoolError(f"machine {machine_id!r} is already registered")
         if home == Role.MIXED:
             raise PoolError(f"machine {machine_id!r}: the home pool must be prompt or token")
-        m = Machine(machine_id, Role(home), Role(home), kv_total_blocks, block_size, max_model_len,
-                    kv_free_blocks=kv_total_blocks)
+        m = Machine(machine_id, Role(home), Role(home), kv_blocks_total, block_size, max_model_len,
+                    kv_blocks_free=kv_blocks_total)
         self.machines[machine_id] = m
         self._index(m)
         return m
@@ -102,9 +102,9 @@ class Pools:
     # -- load ---------------------------------------------------------------------------------
 
     def update_load(self, machine_id: str, *, pending_prompt_tokens: int, prompt_queue_len: int,
-                    pending_decode_tokens: int, kv_free_blocks: int) -> None:
+                    pending_decode_tokens: int, kv_blocks_free: int) -> None:
         m = self.get(machine_id)
-        m.kv_free_blocks = max(0, min(m.kv_total_blocks, kv_free_blocks))
+        m.kv_blocks_free = max(0, min(m.kv_blocks_total, kv_blocks_free))
         self._set_prompt_load(m, pending_prompt_tokens, prompt_queue_len)
         self._set_decode_load(m, pending_decode_tokens)
 
@@ -123,14 +123,14 @@ class Pools:
         self._set_prompt_load(m, pending, queue_len)
 
     def charge_decode(self, m: Machine, num_tokens: int, num_blocks: int) -> None:
-        m.kv_free_blocks = max(0, m.kv_free_blocks - num_blocks)
+        m.kv_blocks_free = max(0, m.kv_blocks_free - num_blocks)
         self._set_decode_load(m, m.pending_decode_tokens + num_tokens)
 
     def credit_decode(self, machine_id: str, num_tokens: int, num_blocks: int = 0) -> None:
         m = self.machines.get(machine_id)
         if m is None:
             return
-        m.kv_free_blocks = min(m.kv_total_blocks, m.kv_free_blocks + num_blocks)
+        m.kv_blocks_free = min(m.kv_blocks_total, m.kv_blocks_free + num_blocks)
         self._set_decode_load(m, max(0, m.pending_decode_tokens - num_tokens))
 
     # -- JSQ lookups (O(log n)) ---------------------------------------------------------------

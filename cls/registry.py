@@ -125,7 +125,7 @@ class Registry:
         self.pools.update_load(mid, pending_prompt_tokens=load.pending_prompt_tokens,
                                prompt_queue_len=load.prompt_queue_len,
                                pending_decode_tokens=load.pending_decode_tokens,
-                               kv_free_blocks=load.kv_blocks_free)
+                               kv_blocks_free=load.kv_blocks_free)
         m = self.pools.get(mid)
         if load.draining and not m.draining:  # a machine that drains itself takes no new work
             self.pools.set_draining(mid, True)

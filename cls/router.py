@@ -69,7 +69,7 @@ class Router:
         prompt_m = prompt_m or token_m  # colocated fallback: one machine runs both phases
         token_m = token_m or prompt_m
         blocks = token_m.blocks_for(prompt_len + max_tokens)
-        fits = blocks <= token_m.kv_free_blocks
+        fits = blocks <= token_m.kv_blocks_free
         self.pools.charge_prompt(prompt_m, prompt_len)
         self.pools.charge_decode(token_m, max_tokens, blocks)
         return Route(prompt_m.machine_id, token_m.machine_id, blocks, borrowed, fits)
@@ -79,11 +79,11 @@ class Router:
         best = waiting = None
         for pool in Role:
             for m in self.pools.by_total_load(pool):
-                if m.machine_id in exclude or m.blocks_for(num_tokens) > m.kv_total_blocks:
+                if m.machine_id in exclude or m.blocks_for(num_tokens) > m.kv_blocks_total:
                     continue
                 if waiting is None or _total_key(m) < _total_key(waiting):
                     waiting = m
-                if m.blocks_for(num_tokens) <= m.kv_free_blocks:
+                if m.blocks_for(num_tokens) <= m.kv_blocks_free:
                     if best is None or _total_key(m) < _total_key(best):
                         best = m
                     break  # later machines of this pool are more loaded
@@ -99,7 +99,7 @@ class Router:
         return Route(m.machine_id, m.machine_id, blocks)
 
     def fits_anywhere(self, num_tokens: int) -> bool:
-        return any(m.blocks_for(num_tokens) <= m.kv_total_blocks and num_tokens <= m.max_model_len
+        return any(m.blocks_for(num_tokens) <= m.kv_blocks_total and num_tokens <= m.max_model_len
                    for m in self.pools.machines.values() if not m.draining)
 
     # -- prompt side --------------------------------------------------------------------------
@@ -135,17 +135,17 @@ class Router:
     def _choose_token(self, num_tokens: int, exclude, borrowed: list) -> Machine | None:
         for pool in (Role.TOKEN, Role.MIXED):
             for m in self.pools.by_decode_load(pool):
-                if m.machine_id not in exclude and m.blocks_for(num_tokens) <= m.kv_free_blocks:
+                if m.machine_id not in exclude and m.blocks_for(num_tokens) <= m.kv_blocks_free:
                     return m
         lenders = [m for m in self.pools.by_decode_load(Role.PROMPT) if m.machine_id not in exclude
-                   and m.blocks_for(num_tokens) <= m.kv_free_blocks]
+                   and m.blocks_for(num_tokens) <= m.kv_blocks_free]
         if lenders:
-            lender = min(lenders, key=lambda m: (m.kv_used_blocks, m.machine_id))
+            lender = min(lenders, key=lambda m: (m.kv_blocks_used, m.machine_id))
             borrowed.append(self.pools.borrow(lender.machine_id))
             return lender
         for pool in (Role.TOKEN, Role.MIXED, Role.PROMPT):  # none has memory now: wait in line
             for m in self.pools.by_decode_load(pool):
-                if m.machine_id not in exclude and m.blocks_for(num_tokens) <= m.kv_total_blocks:
+                if m.machine_id not in exclude and m.blocks_for(num_tokens) <= m.kv_blocks_total:
                     if pool == Role.PROMPT:
                         borrowed.append(self.pools.borrow(m.machine_id))
                     return m

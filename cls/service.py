@@ -72,8 +72,8 @@ class ClusterState:
         return pb.MachineStatus(
             machine_id=machine_id, address=link.address, home=m.home.to_pb(), role=m.role.to_pb(),
             draining=m.draining, pending_prompt_tokens=m.pending_prompt_tokens,
-            pending_decode_tokens=m.pending_decode_tokens, kv_blocks_free=m.kv_free_blocks,
-            kv_blocks_total=m.kv_total_blocks, num_requests=len(link.requests),
+            pending_decode_tokens=m.pending_decode_tokens, kv_blocks_free=m.kv_blocks_free,
+            kv_blocks_total=m.kv_blocks_total, num_requests=len(link.requests),
             lease_expires_in_s=max(0.0, link.expires_at - time.monotonic()))
 
     # -- requests: the one path both front doors (gRPC Generate, OpenAI HTTP) take ----------------

@@ -25,7 +25,9 @@ class EngineConfig:
     kv_cache_headroom_bytes: int = 512 * 2**20
     """Memory kept back for activations when sizing from free memory."""
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    prompt_token_cap: int = 2048
+    """Prompt tokens in one prefill batch of the offline `LLM` helper (a longer prompt runs
+    alone); mlsd's machines take it from `scheduler.prompt_token_cap`."""
     max_model_len: int | None = None
     num_threads: int | None = None
     skip_tokenizer_init: bool = False
@@ -47,7 +49,7 @@ class EngineConfig:
             raise ValueError("kv_cache_bytes must be positive")
         if self.kv_cache_shared_memory and self.torch_device.type != "cpu":
             raise ValueError(f"kv_cache_shared_memory needs device cpu, got {self.device!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_num_seqs", "prompt_token_cap"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 

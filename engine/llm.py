@@ -40,7 +40,7 @@ class LLM:
             batch, num_tokens = [], 0
             while waiting and len(running) + len(batch) < cfg.max_num_seqs:
                 seq = waiting[0]
-                if batch and num_tokens + seq.prompt_len > cfg.max_num_batched_tokens:
+                if batch and num_tokens + seq.prompt_len > cfg.prompt_token_cap:
                     break
                 if eng.blocks_for(seq) > eng.num_blocks:
                     waiting.popleft()

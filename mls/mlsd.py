@@ -43,7 +43,7 @@ def build_engine(cfg: MlsConfig) -> Engine:
     config = EngineConfig(
         model=e.model, dtype=e.dtype, device=e.device, block_size=e.block_size,
         kv_cache_bytes=e.kv_cache_bytes, kv_cache_memory_fraction=e.kv_cache_memory_fraction,
-        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=cfg.scheduler.prompt_token_cap,
+        max_num_seqs=e.max_num_seqs, prompt_token_cap=cfg.scheduler.prompt_token_cap,
         max_model_len=e.max_model_len, num_threads=e.num_threads, seed=e.seed,
         # shm: senders on this host write KV straight into the cache (a device cache: bytes inline)
         kv_cache_shared_memory=cfg.kv_transfer.transport == "shm" and e.device == "cpu")

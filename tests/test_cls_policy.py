@@ -38,7 +38,7 @@ def report(pools: Pools, machine_id: str, prompt: int = 0, queue: int | None = N
     pools.update_load(machine_id, pending_prompt_tokens=prompt,
                       prompt_queue_len=(1 if prompt else 0) if queue is None else queue,
                       pending_decode_tokens=decode,
-                      kv_free_blocks=m.kv_total_blocks if free is None else free)
+                      kv_blocks_free=m.kv_blocks_total if free is None else free)
 
 
 def random_report(pools: Pools, machine_id: str, rng: random.Random, skew: float = 1.0) -> None:
@@ -47,7 +47,7 @@ def random_report(pools: Pools, machine_id: str, rng: random.Random, skew: float
     queue = rng.choice([0, 0, 1, 2, 5]) if rng.random() < skew else 0
     prompt = sum(rng.randint(1, 4000) for _ in range(queue))
     decode = rng.choice([0, rng.randint(0, 500), rng.randint(0, 20000)])
-    free = rng.choice([m.kv_total_blocks, rng.randint(0, m.kv_total_blocks), rng.randint(0, 40)])
+    free = rng.choice([m.kv_blocks_total, rng.randint(0, m.kv_blocks_total), rng.randint(0, 40)])
     report(pools, machine_id, prompt=prompt, queue=queue, decode=decode, free=free)
 
 
@@ -62,7 +62,7 @@ def assert_indexes_consistent(pools: Pools) -> None:
     for m in pools.machines.values():
         assert m.home in (Role.PROMPT, Role.TOKEN)
         assert m.pending_prompt_tokens >= 0 and m.prompt_queue_len >= 0 and m.pending_decode_tokens >= 0
-        assert 0 <= m.kv_free_blocks <= m.kv_total_blocks
+        assert 0 <= m.kv_blocks_free <= m.kv_blocks_total
 
 
 def reference_route(pools: Pools, prompt_len: int, max_tokens: int, limit: int = LIMIT,
@@ -101,18 +101,18 @@ def reference_route(pools: Pools, prompt_len: int, max_tokens: int, limit: int =
     need = prompt_len + max_tokens
     token = None
     for pool in (Role.TOKEN, Role.MIXED):
-        ok = [m for m in members(pool) if m.blocks_for(need) <= m.kv_free_blocks]
+        ok = [m for m in members(pool) if m.blocks_for(need) <= m.kv_blocks_free]
         if ok:
             token = min(ok, key=decode_key)
             break
     if token is None:
-        ok = [m for m in members(Role.PROMPT) if m.blocks_for(need) <= m.kv_free_blocks]
+        ok = [m for m in members(Role.PROMPT) if m.blocks_for(need) <= m.kv_blocks_free]
         if ok:
-            token = min(ok, key=lambda m: (m.kv_used_blocks, m.machine_id))
+            token = min(ok, key=lambda m: (m.kv_blocks_used, m.machine_id))
             borrowed.append(token.machine_id)
     if token is None:  # nothing has the memory now: wait on the least-loaded that ever could
         for pool in (Role.TOKEN, Role.MIXED, Role.PROMPT):
-            ok = [m for m in members(pool) if m.blocks_for(need) <= m.kv_total_blocks]
+            ok = [m for m in members(pool) if m.blocks_for(need) <= m.kv_blocks_total]
             if ok:
                 token = min(ok, key=decode_key)
                 if pool == Role.PROMPT:
@@ -129,7 +129,7 @@ def route_checked(router: Router, prompt_len: int, max_tokens: int,
     """route(), asserting it equals the reference and that both machines were charged."""
     pools = router.pools
     expected = reference_route(pools, prompt_len, max_tokens, router.prompt_queue_limit_tokens, exclude)
-    before = {mid: (m.pending_prompt_tokens, m.prompt_queue_len, m.pending_decode_tokens, m.kv_free_blocks)
+    before = {mid: (m.pending_prompt_tokens, m.prompt_queue_len, m.pending_decode_tokens, m.kv_blocks_free)
               for mid, m in pools.machines.items()}
     if expected is None:
         with pytest.raises(NoMachine):
@@ -145,7 +145,7 @@ def route_checked(router: Router, prompt_len: int, max_tokens: int,
     assert pm.pending_prompt_tokens == p0 + prompt_len and pm.prompt_queue_len == q0 + 1
     p0, q0, d0, f0 = before[tm.machine_id]
     assert tm.pending_decode_tokens == d0 + max_tokens
-    assert tm.kv_free_blocks == max(0, f0 - r.num_blocks)
+    assert tm.kv_blocks_free == max(0, f0 - r.num_blocks)
     return r
 
 
@@ -183,9 +183,9 @@ def reference_colocated(pools: Pools, num_tokens: int, exclude=frozenset()) -> s
     """The colocated policy as a linear scan: least pending prompt + decode tokens among machines
     with free memory for the request, else among those that could ever hold it."""
     live = [m for m in pools.machines.values() if not m.draining and m.machine_id not in exclude
-            and m.blocks_for(num_tokens) <= m.kv_total_blocks]
+            and m.blocks_for(num_tokens) <= m.kv_blocks_total]
     key = lambda m: (m.pending_prompt_tokens + m.pending_decode_tokens, m.machine_id)  # noqa: E731
-    free = [m for m in live if m.blocks_for(num_tokens) <= m.kv_free_blocks]
+    free = [m for m in live if m.blocks_for(num_tokens) <= m.kv_blocks_free]
     return min(free or live, key=key).machine_id
 
 
@@ -230,7 +230,7 @@ def test_successive_decisions_spread_the_load():
     assert [r.prompt_machine for r in routes] == ["p0", "p1", "p2", "p3"] * 2
     assert [r.token_machine for r in routes][:6] == ["t0", "t1", "t2"] * 2
     assert all(pools.get(f"p{i}").pending_prompt_tokens == 200 for i in range(4))
-    assert [pools.get(f"t{i}").kv_free_blocks for i in range(3)] == [70, 70, 80]
+    assert [pools.get(f"t{i}").kv_blocks_free for i in range(3)] == [70, 70, 80]
     assert pools.get("t0").pending_decode_tokens == 180 and pools.get("t2").pending_decode_tokens == 120
 
 
@@ -320,7 +320,7 @@ def test_token_machines_without_memory_for_prompt_plus_output_are_skipped():
     report(pools, "t2", decode=900, free=100)
     r = route_checked(Router(pools), 160, 16)
     assert (r.token_machine, r.num_blocks) == ("t1", 11)
-    assert pools.get("t1").kv_free_blocks == 0
+    assert pools.get("t1").kv_blocks_free == 0
 
 
 def test_no_token_memory_borrows_the_prompt_machine_with_least_kv_in_use():
@@ -345,7 +345,7 @@ def test_no_free_memory_anywhere_waits_on_the_least_loaded_machine_that_could_ho
     report(pools, "p0", free=0)
     r = route_checked(Router(pools), 300, 20)
     assert r.token_machine == "t1" and r.borrowed == []
-    assert pools.get("t1").kv_free_blocks == 0  # charged, clamped at zero
+    assert pools.get("t1").kv_blocks_free == 0  # charged, clamped at zero
 
 
 def test_waiting_on_a_prompt_machine_borrows_it():
@@ -379,7 +379,7 @@ def test_too_large_for_every_machine_is_no_machine_and_undoes_the_borrow():
     with pytest.raises(NoMachine, match="can hold 1601 tokens"):
         Router(pools).route(1000, 601)
     assert pools.get("t0").role == Role.TOKEN and (pools.num_borrowed, pools.num_returned) == (1, 1)
-    assert pools.get("p0").pending_prompt_tokens == 9000 and pools.get("t0").kv_free_blocks == 100
+    assert pools.get("p0").pending_prompt_tokens == 9000 and pools.get("t0").kv_blocks_free == 100
     assert_indexes_consistent(pools)
 
 
@@ -496,7 +496,7 @@ def test_drain_undrain_and_remove_take_machines_out_of_routing():
         pools.remove("t1")
     with pytest.raises(PoolError, match="unknown machine 'nope'"):
         pools.update_load("nope", pending_prompt_tokens=0, prompt_queue_len=0, pending_decode_tokens=0,
-                          kv_free_blocks=0)
+                          kv_blocks_free=0)
     with pytest.raises(PoolError, match="already registered"):
         pools.add("p0", Role.PROMPT, 10, BLOCK_SIZE, 100)
     with pytest.raises(PoolError, match="home pool must be prompt or token"):
@@ -511,11 +511,11 @@ def test_credits_and_charges_stay_in_range():
     t0, p0 = pools.get("t0"), pools.get("p0")
     pools.charge_decode(t0, 10, 30)
     pools.credit_decode("t0", 4, 20)
-    assert (t0.pending_decode_tokens, t0.kv_free_blocks) == (6, 90)
+    assert (t0.pending_decode_tokens, t0.kv_blocks_free) == (6, 90)
     pools.charge_decode(t0, 4, 150)
-    assert t0.kv_free_blocks == 0
+    assert t0.kv_blocks_free == 0
     pools.credit_decode("t0", 25, 400)
-    assert (t0.pending_decode_tokens, t0.kv_free_blocks) == (0, 100)
+    assert (t0.pending_decode_tokens, t0.kv_blocks_free) == (0, 100)
     pools.charge_prompt(p0, 30)
     pools.credit_prompt("p0", 100)
     pools.credit_prompt("p0", 100)

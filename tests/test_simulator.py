@@ -94,7 +94,7 @@ def test_the_router_ends_with_no_charges_left():
     sim.run(poisson_arrivals(30, 3, (100, 2000), (1, 40), seed=1))
     for m in sim.pools.machines.values():
         assert (m.pending_prompt_tokens, m.prompt_queue_len, m.pending_decode_tokens) == (0, 0, 0)
-        assert m.kv_free_blocks == m.kv_total_blocks and m.role == m.home
+        assert m.kv_blocks_free == m.kv_blocks_total and m.role == m.home
     for m in sim.machines.values():
         assert m.sched.budget.used == 0 and not m.busy
 
