@@ -38,7 +38,7 @@ from cls.bench.outputs import RequestOutput
 from cls.bench.report import format_summary, result_json
 from cls.sim.traces import load_azure_trace
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _out(ttft, latency, n, itl=(), prompt_len=10, ok=True, error=""):

@@ -24,7 +24,7 @@ from mls.kv.base import KVSpec, TransferState
 from mls.kv.factory import make_receiver, make_sender
 
 DONE, FAILED, RECEIVING = TransferState.DONE, TransferState.FAILED, TransferState.RECEIVING
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAS_UCXX = importlib.util.find_spec("ucxx") is not None
 NEEDS_UCXX = pytest.mark.skipif(not HAS_UCXX, reason="ucxx is not installed (pip install ucxx-cu12)")
 TRANSPORTS = ["local", "tcp", pytest.param("ucx", marks=NEEDS_UCXX), "shm"]
@@ -472,7 +472,7 @@ def test_garbage_and_malformed_headers_are_rejected(transport):
 SENDER_SCRIPT = """
 import sys, time
 sys.path.insert(0, sys.argv[3])
-from tests.test_kv_transports import layer_data, make_spec, send_all
+from tests.e2e.test_kv_transports import layer_data, make_spec, send_all
 from mls.kv.factory import make_sender
 sender = make_sender(sys.argv[1])
 address = bytes.fromhex(sys.argv[2])

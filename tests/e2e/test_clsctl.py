@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from cls.cli.clsctl import main
-from tests.test_client_sdk import ROOT, STAND_IN, TOKEN, FakeClsd, stopped_at, write_local_config
+from tests.e2e.test_client_sdk import ROOT, STAND_IN, TOKEN, FakeClsd, stopped_at, write_local_config
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["models", "--help"], ["models", "fetch-demo", "--help"],

@@ -308,7 +308,7 @@ def test_clsctl_simulate_runs_a_design_over_a_trace(tmp_path):
     design = tmp_path / "design.yaml"
     design.write_text(f"name: t\nnum_prompt: 2\nnum_token: 2\nprofile: {profile}\n")
     out = tmp_path / "sim.json"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     run = subprocess.run([sys.executable, "-m", "cls.cli.clsctl", "simulate", "--cluster", str(design),
                           "--trace", str(trace), "--limit", "200", "--rate", "5", "--json", str(out)],
                          cwd=root, capture_output=True, text=True, timeout=120)
@@ -334,7 +334,7 @@ def test_clsctl_simulate_sweeps_two_designs_and_writes_goodput_plots_and_json(tm
     cmd = [sys.executable, "-m", "cls.cli.clsctl", "simulate", "--cluster", str(split), "--cluster", str(coloc),
            "--duration", "30", "--sweep", "0.2,1,40", "--prompt-len", "200:2000", "--output-len", "20:200",
            "--seed", "4", "--json", str(out), "--plots", str(plots), "--no-progress"]
-    run = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+    run = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr
     doc = json.loads(out.read_text())
@@ -356,7 +356,7 @@ def test_clsctl_simulate_sweeps_two_designs_and_writes_goodput_plots_and_json(tm
     assert all(to in ("mixed", "prompt", "token") for _, _, _, to in split_run["pool_moves"])
     assert set(split_run["busy_s"]) == {"prompt-0", "token-0"}
     bad = subprocess.run(cmd[:6] + ["--sweep", "1,-2"], capture_output=True, text=True, timeout=60,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[2])
     assert bad.returncode == 2 and "rates must be > 0" in bad.stderr
 
 

@@ -19,8 +19,8 @@ from engine.sequence import InvalidRequestError, SamplingParams, SeqStatus
 from mls.policy import Job, MixedScheduler
 from proto import mlsd_pb2 as pb
 from tests.conftest import hf_greedy, make_tiny_checkpoint
+from tests.e2e.test_mlsd_e2e import _machine_config, _metric, _metrics, _sampling, prompts
 from tests.mls_driver import Driver, MachineProc
-from tests.test_mlsd_e2e import _machine_config, _metric, _metrics, _sampling, prompts
 
 __all__ = ["prompts"]  # the fixture shared with the mlsd end-to-end tests
 
@@ -196,14 +196,14 @@ def test_chunks_grow_blocks_all_or_nothing_and_aborts_mid_prompt_free_them(llama
     assert eng.num_free_blocks == eng.num_blocks
 
 
-BF16_TIE_LOGITS = 0.25  # as in tests/test_demo_model.py
+BF16_TIE_LOGITS = 0.25  # as in tests/e2e/test_demo_model.py
 
 
 def test_demo_model_bfloat16_chunked_equals_unchunked(demo_model_dir):
     """The real model in bfloat16: a 300-token prompt chunked at 64 (chunks end on block edges)
     and at 100 (mid-block) beside a decoding request, against whole-prompt prefill. bf16
     rounding depends on the batch shape, so a divergence is allowed only at a near-tie, judged
-    by the float32 model as tests/test_demo_model.py does."""
+    by the float32 model as tests/e2e/test_demo_model.py does."""
     cfg = dict(model=str(demo_model_dir), dtype="bfloat16", kv_cache_bytes=2**27)
     rng = random.Random(8)
     long = [rng.randrange(100, 40000) for _ in range(300)]

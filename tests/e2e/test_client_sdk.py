@@ -7,7 +7,7 @@
   "Paris is the capital." in four deltas (cut to `max_tokens`, finish "length").
 - Admin RPCs need `authorization: Bearer <token>` (UNAUTHENTICATED otherwise).
 
-Run as a module (`python -m tests.test_client_sdk clsd|mlsd --config X --set K=V ...`) it plays a
+Run as a module (`python -m tests.e2e.test_client_sdk clsd|mlsd --config X --set K=V ...`) it plays a
 daemon for LocalCluster: prints a READY line, registers machines, stops on SIGTERM and logs the
 monotonic time it stopped (to check the stop order).
 """
@@ -52,7 +52,7 @@ from proto import clsd_pb2 as pb
 from proto import clsd_pb2_grpc
 from proto import mlsd_pb2 as mpb
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "fake-admin-token"
 ANSWER = [("Paris", 100), (" is", 101), (" the", 102), (" capital.", 103)]
 
@@ -405,7 +405,7 @@ def test_sdk_imports_no_torch():
 
 # --- LocalCluster with stand-in daemons -----------------------------------------------------
 
-STAND_IN = [sys.executable, "-m", "tests.test_client_sdk"]
+STAND_IN = [sys.executable, "-m", "tests.e2e.test_client_sdk"]
 
 
 def write_local_config(tmp_path: Path, machines: list[dict]) -> Path:
@@ -459,7 +459,7 @@ def test_local_config_errors_name_the_key(tmp_path):
         local_cluster.LocalConfig.load(bad)
 
 
-# --- stand-in daemons (python -m tests.test_client_sdk clsd|mlsd ...) ------------------------
+# --- stand-in daemons (python -m tests.e2e.test_client_sdk clsd|mlsd ...) ------------------------
 
 
 def _wait(stop: threading.Event) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-UNITS = sorted((Path(__file__).resolve().parents[1] / "systemd").glob("*.service"))
+UNITS = sorted((Path(__file__).resolve().parents[2] / "systemd").glob("*.service"))
 
 
 def _service(unit: Path) -> dict:

@@ -12,8 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import mlsd_pb2 as pb
+from tests.e2e.test_mlsd_e2e import _machine_config
 from tests.mls_driver import Driver, MachineProc
-from tests.test_mlsd_e2e import _machine_config
 
 
 class NotifyListener:
