@@ -16,7 +16,10 @@
 4. A machine lost, a failed transfer or an unreachable machine ends the attempt; the next one
    re-prefills prompt + tokens delivered so far on other machines (up to `max_reroutes`).
 5. However the run ends (finished, failed, cancelled by the client), the attempt's machines get an
-   Abort if they may still hold it, and the router's charges are credited back.
+   Abort if they may still hold it, and the router's charges are credited back (cls/ledger.py).
+   A re-route waits for those aborts (up to `rpc_timeout_s`) before its attempt starts.
+6. A lost prompt machine ends only the attempts still waiting for their prefill: once the Prefill
+   answered, the request lives on its token machine (a cut-short KV send fails there).
 """
 
 from __future__ import annotations
@@ -62,9 +65,10 @@ class TokenArrived:
 
 @dataclass(frozen=True)
 class MachineEvent:
-    """Inbox item: a RESERVED / FINISHED / FAILED / ABORTED event of `attempt`."""
+    """Inbox item: a RESERVED / FINISHED / FAILED / ABORTED event of `attempt` from `machine_id`."""
     attempt: _Attempt
     event: mpb.RequestEvent
+    machine_id: str
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ class ClusterRequest:
     prefill_start_s: float | None = None
     route: Route | None = None
     inbox: asyncio.Queue[InboxItem] = field(default_factory=asyncio.Queue)
+    aborts: list[asyncio.Task] = field(default_factory=list)
+    """Aborts of this request's ended attempts still on their way to the machines."""
 
     @property
     def max_tokens(self) -> int:
@@ -139,11 +145,16 @@ class Dispatcher:
         for e in msg.events:
             a = self.attempts.get(e.request_id)
             if a is not None:
-                a.req.inbox.put_nowait(MachineEvent(a, e))
+                a.req.inbox.put_nowait(MachineEvent(a, e, machine_id))
 
     def on_lost(self, machine_id: str, reason: str) -> None:
         for a in list(self.attempts.values()):
-            if machine_id in (a.route.prompt_machine, a.route.token_machine):
+            r = a.route
+            if machine_id == r.token_machine:
+                a.req.inbox.put_nowait(MachineLost(a, machine_id, reason))
+            elif machine_id == r.prompt_machine and not a.prompt_credited:
+                # Once the prefill answered, the request lives on its token machine: a KV send
+                # cut short fails there (FAILED event), a complete one decodes on; no re-prefill.
                 a.req.inbox.put_nowait(MachineLost(a, machine_id, reason))
 
     # -- the run --------------------------------------------------------------------------------
@@ -164,9 +175,17 @@ class Dispatcher:
                                        f"request failed after {req.num_reroutes} re-routes: {e}") from None
                 req.num_reroutes += 1
                 avoid.update(e.machines)
+                await self._aborted(req)  # the replaced attempt stops before the next one starts
                 if self.metrics:
                     self.metrics.reroutes.inc()
                 log.warning("request %s: %s; re-routing (%d)", req.request_id, e, req.num_reroutes)
+
+    async def _aborted(self, req: ClusterRequest) -> None:
+        """Waits (up to the RPC deadline) for the aborts of the request's ended attempts, so a
+        re-route never leaves two machines working on the same request."""
+        if req.aborts:
+            await asyncio.wait(req.aborts, timeout=self.rpc_timeout_s)
+            req.aborts.clear()
 
     def _finished_already(self, req: ClusterRequest) -> bool:
         """After a lost attempt: the tokens delivered may already complete the request."""
@@ -276,8 +295,8 @@ class Dispatcher:
                 return
             if event.kind in (mpb.RequestEvent.FAILED, mpb.RequestEvent.ABORTED):
                 name = mpb.RequestEvent.Kind.Name(event.kind).lower()
-                raise _AttemptFailed(f"{name} on {a.route.token_machine}: {event.message}",
-                                     (a.route.token_machine,))
+                raise _AttemptFailed(f"{name} on {item.machine_id}: {event.message}",
+                                     (item.machine_id,))
 
     def _deliver(self, a: _Attempt, index: int, token_id: int) -> list[int]:
         """Places a token by index; returns the tokens that became deliverable, in order."""
@@ -335,7 +354,7 @@ class Dispatcher:
                 continue
             link.requests.discard(a.attempt_id)
             if not a.req.finish_reason:  # failed or cancelled: free what the machine may hold
-                self._spawn(self._abort(link, a.attempt_id))
+                a.req.aborts.append(self._spawn(self._abort(link, a.attempt_id)))
 
     async def _abort(self, link, attempt_id: str) -> None:
         try:
@@ -343,7 +362,8 @@ class Dispatcher:
         except WorkError:
             pass  # unknown there (already done) or the machine is gone: nothing is held
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task

@@ -94,6 +94,9 @@ class MlsConfig:
     """host:port of clsd's gRPC server, to register with and heartbeat to; null = standalone."""
     advertise_address: str | None = None
     """host:port that clsd dials for this machine; null = host and the bound grpc_port."""
+    orphan_grace_s: float = 10.0
+    """How long the machine keeps its requests while clsd is unreachable; then it aborts them
+    (nobody is left to read their tokens). A lease clsd no longer knows aborts them at once."""
     engine: EngineSection = field(default_factory=EngineSection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     kv_transfer: KVTransferSection = field(default_factory=KVTransferSection)
@@ -121,7 +124,8 @@ class MlsConfig:
                            ("scheduler.max_queue_len", self.scheduler.max_queue_len),
                            ("kv_transfer.timeout_s", self.kv_transfer.timeout_s),
                            ("kv_transfer.start_timeout_s", self.kv_transfer.start_timeout_s),
-                           ("drain_timeout_s", self.drain_timeout_s)):
+                           ("drain_timeout_s", self.drain_timeout_s),
+                           ("orphan_grace_s", self.orphan_grace_s)):
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
         if self.kv_transfer.early_connect_wait_s < 0:

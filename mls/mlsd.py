@@ -93,7 +93,8 @@ async def serve(cfg: MlsConfig) -> int:
         if cfg.advertise_address is None and cfg.host in ("0.0.0.0", "::", ""):
             log.warning("host %r is not an address clsd can dial: set advertise_address", cfg.host)
         registration = Registration(cfg.cls_address, advertise, service.info, service.load_report,
-                                    healthy=lambda: worker.alive)
+                                    healthy=lambda: worker.alive, orphan_grace_s=cfg.orphan_grace_s,
+                                    on_orphaned=lambda why: worker.abort_all(f"orphaned: {why}"))
         registration_task = asyncio.create_task(registration.run())
 
     await lifecycle.stop.wait()

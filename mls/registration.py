@@ -11,7 +11,11 @@ Life cycle of the lease (one asyncio task, started by mlsd after READY when `cls
    as a new machine with a new lease.
 4. clsd unreachable, or an RPC failed: every RPC has a deadline (min(2 s, ttl / 2)); the same step
    is retried every retry_interval_s, with one log line when the state changes, not one per try.
-5. The task heartbeats through the drain (draining=true) until mlsd cancels it as the server
+5. Orphans: a lease clsd no longer knows (known=false) means clsd has given this machine's
+   requests up (re-routed or failed them): `on_orphaned` is called at once, and mlsd aborts
+   them. clsd unreachable for longer than `orphan_grace_s` (it died, or this machine is cut off):
+   `on_orphaned` once per outage, since no one reads those tokens.
+6. The task heartbeats through the drain (draining=true) until mlsd cancels it as the server
    stops, after `reported()` (bounded by the RPC deadline): clsd has seen draining=true at least
    once. No goodbye: the lease then expires.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import grpc
@@ -35,7 +40,8 @@ MAX_RPC_TIMEOUT_S = 2.0
 class Registration:
     def __init__(self, cls_address: str, address: str, info: Callable[[], pb.MachineInfo],
                  load_report: Callable[[], pb.LoadReport], retry_interval_s: float = 1.0,
-                 healthy: Callable[[], bool] = lambda: True):
+                 healthy: Callable[[], bool] = lambda: True,
+                 on_orphaned: Callable[[str], None] | None = None, orphan_grace_s: float = 10.0):
         self.cls_address, self.address = cls_address, address
         self._healthy = healthy
         self._info, self._load_report = info, load_report
@@ -48,6 +54,9 @@ class Registration:
         self._num_started = self._num_answered = 0  # heartbeats, by the order they were built
         self._wanted = 0  # the heartbeat `reported()` waits for
         self._answered = asyncio.Condition()
+        self._on_orphaned, self.orphan_grace_s = on_orphaned, orphan_grace_s
+        self._unreachable_since: float | None = None
+        self._orphaned_this_outage = False
 
     @property
     def rpc_timeout_s(self) -> float:
@@ -87,12 +96,14 @@ class Registration:
                     continue
                 try:
                     delay = await (self._heartbeat(stub) if self.lease_id else self._register(stub))
+                    self._unreachable_since, self._orphaned_this_outage = None, False
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # noqa: BLE001 - any failure is retried, never fatal
                     self._set_state("unreachable", "clsd at %s unreachable (%s); retrying every %g s",
                                     self.cls_address, _describe(e), self.retry_interval_s)
                     delay = self.retry_interval_s
+                    self._check_outage()
                 await self._sleep(delay)
         finally:
             await channel.close()
@@ -122,10 +133,23 @@ class Registration:
             self._set_state("lease lost", "clsd at %s no longer knows lease %s; registering again",
                             self.cls_address, self.lease_id)
             self.lease_id = None
+            self._orphaned("clsd no longer knows this machine's lease")
             return 0.0
         self._set_state("registered", "clsd at %s reachable again; lease %s kept", self.cls_address,
                         self.lease_id)
         return self.heartbeat_interval_s
+
+    def _check_outage(self) -> None:
+        now = time.monotonic()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+        elif not self._orphaned_this_outage and now - self._unreachable_since >= self.orphan_grace_s:
+            self._orphaned_this_outage = True
+            self._orphaned(f"clsd unreachable for {now - self._unreachable_since:.0f} s")
+
+    def _orphaned(self, reason: str) -> None:
+        if self._on_orphaned is not None:
+            self._on_orphaned(reason)
 
     async def _sleep(self, delay_s: float) -> None:
         try:

@@ -4,7 +4,8 @@ It is the only code of mlsd that calls the engine and the KV endpoints (the work
 the scheduler the choices). Life cycle of a turn here, in the plan's order:
 1. `poll_transfers` (before the plan): a received KV whose last layer arrived joins the decodes
    (`kv_ready`, the prompt machine's first token included); a failed or late one fails the
-   request; a finished send is forgotten.
+   request; a finished send is forgotten, a failed one fails the request (FAILED event: clsd
+   re-routes at once instead of the token machine waiting out its start window).
 2. Token work admitted: its blocks are reserved and the receiver told to expect the KV
    (RESERVED event; the AddDecode reply says "reserved now").
 3. Prompt work: one prefill; each layer's K/V goes to the KV sender while later layers compute
@@ -50,11 +51,11 @@ class EngineRunner:
                 self._poll_receive(r, res)
             elif r.status == RequestStatus.SENDING_KV:
                 state = r.handle.wait(0)
-                if state in (TransferState.DONE, TransferState.FAILED):
+                if state == TransferState.DONE:
                     res.sent.append(r.request_id)
-                    if state == TransferState.FAILED:
-                        self.metrics.failed_transfers.inc()
-                        log.warning("KV send of %s failed: %s", r.request_id, r.handle.error)
+                elif state == TransferState.FAILED:  # reported: clsd re-routes at once rather
+                    self.metrics.failed_transfers.inc()  # than after the token side's window
+                    _fail(res, r, f"KV send to the token machine failed: {r.handle.error}")
         return res
 
     def _poll_receive(self, r: MachineRequest, res: TurnResult) -> None:
@@ -80,7 +81,7 @@ class EngineRunner:
         for job in plan.admitted:
             self._reserve_for_kv(requests[job.request_id], res)
         if plan.prompt_batch:
-            self._prompt_batch([requests[j.request_id] for j in plan.prompt_batch])
+            self._prompt_batch([requests[j.request_id] for j in plan.prompt_batch], res)
         decoding = [requests[rid] for rid in plan.decode]
         if plan.chunked:
             self._mixed_step(decoding, [(requests[c.job.request_id], c.start, c.num_tokens)
@@ -108,11 +109,21 @@ class EngineRunner:
         if r.future is not None:
             resolve(r.future, True)
 
-    def _prompt_batch(self, reqs: list[MachineRequest]) -> None:
+    def _prompt_batch(self, reqs: list[MachineRequest], res: TurnResult) -> None:
+        opened = []
         for r in reqs:
-            r.handle = self.sender.open(r.kv_address, kv_spec_for(self.engine, r.seq),
-                                        time.monotonic() + r.timeout_s)
+            try:  # the address was checked at the RPC; a failure here is this request's alone
+                r.handle = self.sender.open(r.kv_address, kv_spec_for(self.engine, r.seq),
+                                            time.monotonic() + r.timeout_s)
+            except (ValueError, RuntimeError) as e:
+                self.metrics.failed_transfers.inc()
+                _fail(res, r, f"KV send to the token machine could not start: {e}")
+                continue
             r.layerwise = r.seq.prompt_len >= self.cfg.kv_transfer.layerwise_min_prompt_tokens
+            opened.append(r)
+        reqs = opened
+        if not reqs:
+            return
         by_id = {r.request_id: r for r in reqs}
 
         def export(layer: int, items) -> None:

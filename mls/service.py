@@ -97,8 +97,7 @@ class MachineService(mlsd_pb2_grpc.MachineServiceServicer):
 
     def _prefill(self, request: pb.PrefillRequest):
         async def run(rid, prompt, params):
-            if not request.kv_address:
-                raise BadRequest("kv_address is empty")
+            self.worker.check_kv_address(request.kv_address)
             res = await asyncio.wrap_future(self.worker.add_prefill(
                 rid, prompt, params, request.kv_address, request.transfer_timeout_s))
             return pb.PrefillReply(request_id=rid, first_token_id=res.first_token_id,

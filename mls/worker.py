@@ -133,6 +133,17 @@ class EngineWorker:
     def abort(self, request_id: str) -> Future:
         return self.submit(self._abort, request_id)
 
+    def abort_all(self, reason: str) -> Future:
+        """Aborts every request this machine holds (their clsd is gone); resolves to how many."""
+        return self.submit(self._abort_all, reason)
+
+    def check_kv_address(self, kv_address: bytes) -> None:
+        """Raises BadRequest if a Prefill's kv_address cannot be a receiver of this transport."""
+        try:
+            self.runner.sender.check_address(kv_address)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+
     # -- the loop (worker thread) -------------------------------------------------------------
 
     def _run(self) -> None:
@@ -244,6 +255,14 @@ class EngineWorker:
         self._out.events.append(RequestEvent(request_id, EventKind.ABORTED,
                                              num_output_tokens=len(req.seq.output_token_ids)))
         return True
+
+    def _abort_all(self, reason: str) -> int:
+        ids = list(self.requests)
+        for rid in ids:
+            self._abort(rid)
+        if ids:
+            log.warning("aborted %d requests: %s", len(ids), reason)
+        return len(ids)
 
     def _drop(self, req: MachineRequest) -> None:
         """Frees everything a request holds here: queue slot, reservation, transfer, blocks."""

@@ -42,9 +42,11 @@ def machine_config(model_dir, machine_id: str, role: str, transport: str = "tcp"
 
 class Cluster:
     def __init__(self, tmp_dir: Path, model_dir, machines: list[tuple[str, str]], clsd: dict | None = None,
-                 engine: dict | None = None):
-        """`engine`: keys merged into every machine's engine section."""
+                 engine: dict | None = None, machine: dict | None = None):
+        """`engine`: keys merged into every machine's engine section; `machine`: top-level keys
+        of every machine's config."""
         self.tmp_dir, self.model_dir, self.engine = tmp_dir, model_dir, engine or {}
+        self.machine = machine or {}
         self.clsd = ClsdProc(tmp_dir, {"model": str(model_dir), "lease_ttl_s": 3.0,
                                        "heartbeat_interval_s": 0.3, **(clsd or {})})
         self.specs = machines
@@ -54,7 +56,7 @@ class Cluster:
         try:
             self.clsd.start()
             for mid, role in self.specs:
-                cfg = machine_config(self.model_dir, mid, role, **self.engine)
+                cfg = {**machine_config(self.model_dir, mid, role, **self.engine), **self.machine}
                 cfg["cls_address"] = self.clsd.address
                 self.machines[mid] = MachineProc(self.tmp_dir, mid, cfg).start()
             self.wait_registered(timeout_s)

@@ -176,11 +176,22 @@ class SendHandle(abc.ABC):
     def error(self) -> str | None: ...
 
 
+MAX_ADDRESS_BYTES = 4096
+
+
 class KVSender(abc.ABC):
     transport: str
 
     @abc.abstractmethod
     def open(self, peer_address: bytes, spec: KVSpec, deadline_s: float) -> SendHandle: ...
+
+    def check_address(self, peer_address: bytes) -> None:
+        """Raises ValueError naming the problem if `peer_address` cannot be a receiver of this
+        transport (checked where a Prefill comes in, before any work is queued)."""
+        if not peer_address:
+            raise ValueError("kv_address is empty")
+        if len(peer_address) > MAX_ADDRESS_BYTES:
+            raise ValueError(f"kv_address has {len(peer_address)} bytes; at most {MAX_ADDRESS_BYTES}")
 
     @abc.abstractmethod
     def close(self) -> None: ...

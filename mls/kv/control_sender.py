@@ -141,7 +141,7 @@ class ControlSendHandle(SendHandle):
     # -- for the transports ------------------------------------------------------------------
 
     def _parse_address(self, peer_address: bytes) -> tuple[str, int]:
-        return parse_host_port(peer_address)
+        return _host_port(peer_address)
 
     def _header(self) -> dict:
         return self.spec.to_dict()
@@ -282,6 +282,10 @@ class ControlSender(KVSender):
         self._closed = False
         self._max_transfers = max_transfers
 
+    def check_address(self, peer_address: bytes) -> None:
+        super().check_address(peer_address)
+        _host_port(peer_address)
+
     def open(self, peer_address: bytes, spec: KVSpec, deadline_s: float) -> ControlSendHandle:
         if self._closed:
             raise RuntimeError("KV sender is closed")
@@ -309,3 +313,11 @@ class ControlSender(KVSender):
             handles = list(self._active)
         for h in handles:
             h.abort("sender closed")
+
+
+def _host_port(address: bytes) -> tuple[str, int]:
+    """host:port, with a message naming what is wrong (not a UnicodeDecodeError)."""
+    try:
+        return parse_host_port(address)
+    except UnicodeDecodeError:
+        raise ValueError(f"kv_address {address[:40]!r} is not text") from None

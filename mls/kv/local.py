@@ -203,6 +203,11 @@ class LocalSender(KVSender):
     def __init__(self) -> None:
         self._handles: weakref.WeakSet[LocalSendHandle] = weakref.WeakSet()
 
+    def check_address(self, peer_address: bytes) -> None:
+        super().check_address(peer_address)
+        if not peer_address.startswith(b"local:"):
+            raise ValueError(f"kv_address {peer_address[:40]!r} is not a local receiver's")
+
     def open(self, peer_address: bytes, spec: KVSpec, deadline_s: float) -> LocalSendHandle:
         with _REGISTRY_LOCK:
             receiver = _REGISTRY.get(peer_address)

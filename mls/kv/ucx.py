@@ -203,6 +203,12 @@ class UCXSender(ControlSender):
     transport = "ucx"
     handle_cls = UCXSendHandle
 
+    def check_address(self, peer_address: bytes) -> None:
+        control, sep, worker = peer_address.partition(b"|")
+        if not sep or not worker:
+            raise ValueError(f"UCX KV address {peer_address[:40]!r}... lacks the worker address")
+        super().check_address(control)
+
     def __init__(self, window_layers: int = 4, **opts):
         """window_layers: UCX sends in flight per transfer (1 to 8 measured alike on loopback)."""
         runtime()  # the first transfer should not pay for creating the UCX context

@@ -215,6 +215,10 @@ def test_bad_input_to_every_rpc_is_refused_with_a_message(pair):
                 (d.token.AddDecode(pb.AddDecodeRequest(request=spec(prompt=[60000]))), "INVALID_ARGUMENT", "vocabulary"),
                 (d.token.AddDecode(pb.AddDecodeRequest(request=spec(sampling=pb.SamplingParams(max_tokens=1000), prompt=[5] * 2000))), "RESOURCE_EXHAUSTED", "KV blocks"),
                 (d.prompt.Prefill(pb.PrefillRequest(request=spec())), "INVALID_ARGUMENT", "kv_address"),
+                # Malformed addresses are refused at the RPC, before the prompt joins a batch.
+                (d.prompt.Prefill(pb.PrefillRequest(request=spec(rid="a1"), kv_address=b"no-port")), "INVALID_ARGUMENT", "not host:port"),
+                (d.prompt.Prefill(pb.PrefillRequest(request=spec(rid="a2"), kv_address=b"\xff\xfe:1")), "INVALID_ARGUMENT", "not text"),
+                (d.prompt.Prefill(pb.PrefillRequest(request=spec(rid="a3"), kv_address=b"h:" + b"9" * 5000)), "INVALID_ARGUMENT", "at most 4096"),
                 (d.token.Abort(pb.AbortRequest(request_id="never-seen")), "INVALID_ARGUMENT", "unknown request id"),
             ]
             got = []
@@ -301,7 +305,11 @@ def test_dead_or_hung_receiver_does_not_stall_the_prompt_machine(pair):
     prompt_m, token_m = pair
 
     async def run():
-        async with Driver(prompt_m.address, token_m.address) as d:
+        # The second driver's event stream is the prompt machine's (its roles are reversed).
+        async with Driver(prompt_m.address, token_m.address) as d, \
+                Driver(token_m.address, prompt_m.address) as prompt_events:
+            watched = {f"orphan-{case}": prompt_events.watch(f"orphan-{case}")
+                       for case in ("hung", "killed")}
             failed_before = _metric(_metrics(prompt_m), "mlsd_kv_failed_transfers_total")
             for case in ("hung", "killed"):
                 rid = f"orphan-{case}"
@@ -317,6 +325,10 @@ def test_dead_or_hung_receiver_does_not_stall_the_prompt_machine(pair):
                 # The prompt machine keeps serving while that transfer fails.
                 ok = await d.generate([5, 6, 7], pb.SamplingParams(max_tokens=3))
                 assert ok.status == "FINISHED"
+                # ... and reports the failed send as the request's FAILED event, so its clsd
+                # re-routes at once rather than after the token side's start window.
+                failed = await prompt_events.next_event(watched[rid], "FAILED", 10)
+                assert "KV send to the token machine failed" in failed.message, failed.message
                 peer.kill()
                 peer.wait()
             deadline = time.monotonic() + 10

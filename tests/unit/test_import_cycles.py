@@ -69,12 +69,15 @@ def _scan(module: Module, modules: dict[str, Module]) -> None:
             module.imports.setdefault(target, line)
 
     aliases: dict[str, str] = {}  # a local name bound to one of our modules -> that module
+    roots: set[str] = set()  # names bound by `import a.b` (a), so `a.b._x` is a module access
     for node in ast.walk(module.tree):
         if isinstance(node, ast.Import):
             for a in node.names:
                 if a.name in modules:
                     edge(a.name, node.lineno)
                     aliases[a.asname or a.name] = a.name
+                    if a.asname is None:
+                        roots.add(a.name.split(".")[0])
                 if any(_private(part) for part in a.name.split(".")[1:]) and \
                         a.name.split(".")[0] in PACKAGES and a.name.rpartition(".")[0] != module.name:
                     module.private.append((node.lineno, f"import {a.name}"))
@@ -95,8 +98,8 @@ def _scan(module: Module, modules: dict[str, Module]) -> None:
         if isinstance(node, ast.Attribute) and _private(node.attr):
             dotted = _dotted(node.value)
             target = aliases.get(dotted) if dotted else None
-            if target is None and dotted in modules:
-                target = dotted
+            if target is None and dotted in modules and dotted.split(".")[0] in roots:
+                target = dotted  # (a bare `cls` is a classmethod's class, not our package)
             if target is not None and target != module.name:
                 module.private.append((node.lineno, f"{dotted}.{node.attr} (module {target})"))
 
@@ -204,11 +207,17 @@ def test_the_checks_find_what_they_look_for(tmp_path):
     kinds of private cross-import."""
     a = Module("pkg.a", tmp_path / "a.py", False, ast.parse(
         "from pkg import b\n\ndef f():\n    from pkg.b import _helper\n    return b._x\n"))
-    b = Module("pkg.b", tmp_path / "b.py", False, ast.parse("def g():\n    import pkg.c\n"))
-    c = Module("pkg.c", tmp_path / "c.py", False, ast.parse("from . import a\n"))
+    b = Module("pkg.b", tmp_path / "b.py", False, ast.parse(
+        "def g():\n    import pkg.c\n    return pkg.c._y\n"))
+    c = Module("pkg.c", tmp_path / "c.py", False, ast.parse(
+        "from . import a\n\nclass K:\n    @classmethod\n    def h(pkg):\n        return pkg._z\n"))
     pkg = Module("pkg", tmp_path / "__init__.py", True, ast.parse(""))
     modules = {m.name: m for m in (a, b, c, pkg)}
     for m in modules.values():
         _scan(m, modules)
     assert list(_cycles(modules)) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]
     assert [what for _, what in a.private] == ["from pkg.b import _helper", "b._x (module pkg.b)"]
+    # `pkg.c._y` after `import pkg.c` is a module's private name; a parameter that happens to be
+    # called like a package (`pkg._z`, as `cls._x` in a classmethod) is not.
+    assert [what for _, what in b.private] == ["pkg.c._y (module pkg.c)"]
+    assert c.private == []
