@@ -7,10 +7,10 @@
    turn when the router sees the token machine's memory free (its KV receiver holds a sender
    that comes before the reservation); otherwise it waits for RESERVED before the Prefill, so no
    prompt machine holds KV that cannot land. Both (and Generate, Abort) travel as items on the
-   machine's Work stream
-   (cls/work_stream.py), each with the `rpc_timeout_s` deadline. The first token comes back in
-   the Prefill reply, the rest on the token machine's event stream (`on_events`). A colocated
-   attempt is one Generate on one machine.
+   machine's Work stream (cls/work_stream.py), each with the `rpc_timeout_s` deadline; a
+   Prefill's grows with its prompt and the machine's queue, at the machine's measured prefill
+   rate. The first token comes back in the Prefill reply, the rest on the token machine's event
+   stream (`on_events`). A colocated attempt is one Generate on one machine.
 3. Each attempt has its own machine-level id (`<request_id>#<n>`), so a late event of an old
    attempt is never taken for the current one.
 4. A machine lost, a failed transfer or an unreachable machine ends the attempt; the next one
@@ -44,6 +44,12 @@ _RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                 grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
                 grpc.StatusCode.CANCELLED, grpc.StatusCode.FAILED_PRECONDITION,
                 grpc.StatusCode.UNKNOWN}
+
+
+DEFAULT_PREFILL_S_PER_TOKEN = 0.005
+"""A machine's prefill rate until its first Prefill answers (5 ms a token: a CPU machine)."""
+PREFILL_SAFETY = 4.0
+"""How many times its expected prefill time a Prefill may take before it counts as lost."""
 
 
 class RequestError(Exception):
@@ -133,6 +139,8 @@ class Dispatcher:
             "machine %s returns to the %s pool", move.machine_id, move.to_pool))
         self.rpc_timeout_s, self.max_reroutes, self.metrics = rpc_timeout_s, max_reroutes, metrics
         self.attempts: dict[str, _Attempt] = {}
+        self.prefill_s_per_token: dict[str, float] = {}
+        """Per prompt machine, its measured prefill seconds per prompt token (moving average)."""
         self._background: set[asyncio.Task] = set()
 
     # -- events from machines (called by the registry) ----------------------------------------
@@ -229,7 +237,8 @@ class Dispatcher:
                 def start_prefill() -> asyncio.Future:
                     req.prefill_start_s = req.prefill_start_s or time.monotonic()
                     return asyncio.ensure_future(self._call(pm, mpb.PrefillRequest(
-                        request=spec, kv_address=tm.info.kv_address)))
+                        request=spec, kv_address=tm.info.kv_address),
+                        self._prefill_timeout_s(route.prompt_machine, len(prompt))))
 
                 prefill = start_prefill() if route.kv_fits else None
                 try:
@@ -245,6 +254,7 @@ class Dispatcher:
                     elif prefill is not None and not prefill.cancelled():
                         prefill.exception()  # retrieved: a failed prefill of a failed attempt
                 self._credit_prompt(a)
+                self._learn_prefill_rate(route.prompt_machine, len(prompt), pre.prefill_s)
                 new = self._deliver(a, 0, pre.first_token_id)
                 if self._finished_already(req):
                     # The first token ends it (max_tokens 1, or a stop token): the client has its
@@ -326,10 +336,26 @@ class Dispatcher:
             raise _AttemptFailed(f"machine {machine_id} left", (machine_id,))
         return link
 
-    async def _call(self, link, request):
+    def _prefill_timeout_s(self, machine_id: str, prompt_len: int) -> float:
+        """A Prefill's deadline follows its work: the RPC deadline plus PREFILL_SAFETY times the
+        machine's measured prefill time for the prompt tokens queued there and this prompt (an
+        8,000-token prompt on a CPU machine takes far longer than the RPC deadline; a dead or
+        hung machine is found by its lease meanwhile)."""
+        m = self.pools.machines.get(machine_id)
+        queued = m.pending_prompt_tokens if m is not None else 0
+        rate = self.prefill_s_per_token.get(machine_id, DEFAULT_PREFILL_S_PER_TOKEN)
+        return self.rpc_timeout_s + PREFILL_SAFETY * rate * (queued + prompt_len)
+
+    def _learn_prefill_rate(self, machine_id: str, prompt_len: int, prefill_s: float) -> None:
+        if prompt_len > 0 and prefill_s > 0:
+            sample = prefill_s / prompt_len
+            old = self.prefill_s_per_token.get(machine_id)
+            self.prefill_s_per_token[machine_id] = sample if old is None else 0.8 * old + 0.2 * sample
+
+    async def _call(self, link, request, timeout_s: float | None = None):
         op = type(request).__name__.removesuffix("Request")
         try:
-            return await link.work.call(request, self.rpc_timeout_s)
+            return await link.work.call(request, timeout_s or self.rpc_timeout_s)
         except WorkError as e:
             if e.code() in _RETRY_CODES:
                 raise _AttemptFailed(f"{op} on {link.machine_id}: {e.code().name} {e.details()}",

@@ -8,6 +8,7 @@ import asyncio
 import signal
 import threading
 import time
+import urllib.request
 
 import grpc
 
@@ -105,3 +106,33 @@ def test_orphaned_decodes_stop_within_the_grace_after_clsd_dies(demo_model_dir, 
     finally:
         stop_client.set()
         c.stop()
+
+
+def test_a_prefill_longer_than_the_rpc_deadline_runs_once_and_finishes(demo_model_dir, tmp_path):
+    """The Prefill deadline follows the work: with a 1 s RPC deadline, a 3,000-token prompt that
+    takes longer than that to prefill on this CPU is neither re-routed nor prefilled twice."""
+    c = Cluster(tmp_path, demo_model_dir, [("prompt-0", "prompt"), ("token-0", "token")],
+                clsd={"limits": {"rpc_timeout_s": 1.0}},
+                engine={"kv_cache_bytes": 512 * 2**20}).start()
+    try:
+        prompt = _prompts(1, seed=13, lengths=(3000,))[0]
+
+        async def run():
+            async with AsyncClsClient(c.clsd.address) as client:
+                return await client.generate(prompt, max_tokens=4, ignore_eos=True, timeout_s=300)
+
+        result = asyncio.run(run())
+        assert len(result.token_ids) == 4 and result.num_reroutes == 0, (result, c.logs())
+        assert result.timing.ttft_s > 1.0, result.timing  # the prefill outlasted the RPC deadline
+        metrics = urllib.request.urlopen(
+            f"http://127.0.0.1:{c.machines['prompt-0'].ready['metrics_port']}/metrics", timeout=5).read().decode()
+        assert _metric(metrics, "mlsd_prefill_step_seconds_count") == 1  # prefilled exactly once
+    finally:
+        c.stop()
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in metrics")
