@@ -40,10 +40,12 @@ from proto import mlsd_pb2 as mpb
 
 log = logging.getLogger("clsd.requests")
 
-_RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
-                grpc.StatusCode.CANCELLED, grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.UNKNOWN}
+_RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED,
+                grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNKNOWN}
+"""Codes of a machine's answer that end the attempt and re-route the request. Not among them:
+RESOURCE_EXHAUSTED (a full queue): under overload a re-route would only add load, so the
+client is told at once, with the machine's reason."""
 
 
 DEFAULT_PREFILL_S_PER_TOKEN = 0.005
@@ -360,6 +362,9 @@ class Dispatcher:
             if e.code() in _RETRY_CODES:
                 raise _AttemptFailed(f"{op} on {link.machine_id}: {e.code().name} {e.details()}",
                                      (link.machine_id,)) from None
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise RequestError(e.code(), f"the cluster is overloaded ({link.machine_id}: "
+                                             f"{e.details()}); retry later") from None
             raise RequestError(e.code(), f"{op} on {link.machine_id}: {e.details()}") from None
 
     def _credit_prompt(self, a: _Attempt) -> None:

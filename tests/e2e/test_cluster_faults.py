@@ -12,7 +12,7 @@ import urllib.request
 
 import grpc
 
-from cls.client import AsyncClsClient
+from cls.client import AsyncClsClient, ResourceExhausted
 from proto import clsd_pb2 as pb
 from proto import mlsd_pb2 as mpb
 from proto import mlsd_pb2_grpc
@@ -136,3 +136,32 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} not in metrics")
+
+
+def test_a_burst_beyond_the_machines_queues_is_refused_at_once_not_re_routed(demo_model_dir, tmp_path):
+    """Machine queues of 2: a burst of 40 gets completions and RESOURCE_EXHAUSTED (with the reason)
+    at once; overload never turns into re-routes that add load."""
+    c = Cluster(tmp_path, demo_model_dir, [("prompt-0", "prompt"), ("token-0", "token")],
+                machine={"scheduler": {"prompt_token_cap": 512, "max_queue_len": 2}}).start()
+    try:
+        prompts = _prompts(40, seed=14, lengths=(200, 300))
+
+        async def run():
+            async with AsyncClsClient(c.clsd.address) as client:
+                async def one(p):
+                    start = time.monotonic()
+                    try:
+                        r = await client.generate(p, max_tokens=16, ignore_eos=True, timeout_s=300)
+                        return "ok", r.num_reroutes, time.monotonic() - start, ""
+                    except ResourceExhausted as e:
+                        return "exhausted", 0, time.monotonic() - start, str(e)
+                return await asyncio.gather(*(one(p) for p in prompts))
+
+        outcomes = asyncio.run(run())
+        kinds = [o[0] for o in outcomes]
+        assert kinds.count("ok") > 0 and kinds.count("exhausted") > 0, (kinds, c.logs())
+        assert sum(o[1] for o in outcomes) == 0  # no re-route
+        refused = [o for o in outcomes if o[0] == "exhausted"]
+        assert all(o[2] < 1.0 and "overloaded" in o[3] and "queue is full" in o[3] for o in refused), refused
+    finally:
+        c.stop()
