@@ -11,8 +11,9 @@
    Prefill's grows with its prompt and the machine's queue, at the machine's measured prefill
    rate. The first token comes back in the Prefill reply, the rest on the token machine's event
    stream (`on_events`). A colocated attempt is one Generate on one machine.
-3. Each attempt has its own machine-level id (`<request_id>#<n>`), so a late event of an old
-   attempt is never taken for the current one.
+3. Each attempt has its own machine-level id (`<request_id>#<incarnation>.<n>`), so a late event
+   of an old attempt, or an attempt a machine holds from before a clsd restart, is never taken
+   for the current one.
 4. A machine lost, a failed transfer or an unreachable machine ends the attempt; the next one
    re-prefills prompt + tokens delivered so far on other machines (up to `max_reroutes`).
 5. However the run ends (finished, failed, cancelled by the client), the attempt's machines get an
@@ -141,6 +142,9 @@ class Dispatcher:
             "machine %s returns to the %s pool", move.machine_id, move.to_pool))
         self.rpc_timeout_s, self.max_reroutes, self.metrics = rpc_timeout_s, max_reroutes, metrics
         self.attempts: dict[str, _Attempt] = {}
+        self.incarnation = "0"
+        """This clsd process's name in attempt ids (`<request id>#<incarnation>.<n>`): a machine
+        may still hold an attempt of the same request id from before a restart."""
         self.prefill_s_per_token: dict[str, float] = {}
         """Per prompt machine, its measured prefill seconds per prompt token (moving average)."""
         self._background: set[asyncio.Task] = set()
@@ -218,7 +222,8 @@ class Dispatcher:
             self.metrics.routed.labels("colocated" if route.colocated else "split").inc()
             for move in route.borrowed:
                 log.info("machine %s borrowed into the mixed pool", move.machine_id)
-        a = _Attempt(f"{req.request_id}#{req.num_attempts}", req, offset, route, len(prompt))
+        a = _Attempt(f"{req.request_id}#{self.incarnation}.{req.num_attempts}", req, offset, route,
+                     len(prompt))
         req.num_attempts += 1
         self.attempts[a.attempt_id] = a
         sampling = mpb.SamplingParams()

@@ -30,6 +30,11 @@ class ClsMetrics:
                              registry=r)
         self.inflight = Gauge("clsd_inflight_requests", "Requests in flight", registry=r)
         self.machines = Gauge("clsd_machines", "Registered machines", registry=r)
+        self.inflight_bound = Gauge("clsd_inflight_bound", "Requests clsd admits at once: what the "
+                                    "registered machines hold, at most limits.max_inflight_requests",
+                                    registry=r)
+        self.tokenizer_queue = Gauge("clsd_tokenizer_queue", "Long prompts waiting for or being "
+                                     "tokenized", registry=r)
         self._seen = {"borrow": 0, "return": 0}
 
     def observe_pools(self, pools: Pools) -> None:

@@ -3,13 +3,17 @@
 Life cycle of a machine here:
 1. `register` (mlsd's Register RPC): a machine id already present is a restarted machine, so the
    old incarnation is dropped first (its requests re-routed). The new one gets a lease, joins its
-   home pool, and clsd opens a channel to it and subscribes to its event stream. Requests go
-   to it on its Work stream (cls/work_stream.py), opened on first use.
+   home pool (`home_for`: the operator's last resize, kept across clsd restarts by
+   cls/pool_targets.py, else its configured role), and clsd opens a channel to it and subscribes
+   to its event stream. Requests go to it on its Work stream (cls/work_stream.py), opened on
+   first use.
 2. `heartbeat` renews the lease and applies the load report to the pools.
 3. Tokens and request events from the machine's stream go to `on_events(machine_id, msg)`.
 4. A machine is lost when its lease expires or its event stream breaks: it leaves the pools,
    its channel closes, and `on_lost(machine_id, reason)` re-routes its requests. A machine that
    is still alive learns from its next heartbeat (known=false) and registers again, as new.
+   Leases count only time in which clsd's event loop turned: after a stall (the loop held by
+   something else) every lease is extended by the stall, since no heartbeat could be read in it.
 """
 
 from __future__ import annotations
@@ -63,9 +67,12 @@ class MachineLink:
 
 
 class Registry:
-    def __init__(self, pools: Pools, lease_ttl_s: float, on_events: Callable, on_lost: Callable):
+    def __init__(self, pools: Pools, lease_ttl_s: float, on_events: Callable, on_lost: Callable,
+                 home_for: Callable[[str, Role], Role] | None = None):
+        """`home_for(machine_id, configured home)` is a registering machine's home pool."""
         self.pools, self.lease_ttl_s = pools, lease_ttl_s
         self.on_events, self.on_lost = on_events, on_lost
+        self.home_for = home_for or (lambda machine_id, configured: configured)
         self.links: dict[str, MachineLink] = {}
         self._by_lease: dict[str, str] = {}
         self._expiry_task: asyncio.Task | None = None
@@ -104,8 +111,13 @@ class Registry:
         try:
             if not link.subscribed.is_set():
                 raise TimeoutError(f"cannot subscribe to the event stream of {address}")
-            self.pools.add(info.machine_id, home_of(info.role), info.kv_num_blocks,
-                           info.kv_block_size, info.max_model_len)
+            configured = home_of(info.role)
+            home = self.home_for(info.machine_id, configured)
+            if home != configured:
+                log.info("machine %s: home pool %s (the operator's resize), not its configured %s",
+                         info.machine_id, home, configured)
+            self.pools.add(info.machine_id, home, info.kv_num_blocks, info.kv_block_size,
+                           info.max_model_len)
         except (TimeoutError, PoolError) as e:
             link.stream_task.cancel()
             await channel.close(grace=None)
@@ -134,13 +146,24 @@ class Registry:
         return True
 
     async def _expire_loop(self) -> None:
+        interval_s = min(0.25, self.lease_ttl_s / 4)
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(min(0.25, self.lease_ttl_s / 4))
+            await asyncio.sleep(interval_s)
             now = time.monotonic()
+            stall_s = now - last - interval_s
+            if stall_s > interval_s:
+                # The loop was held: heartbeats that came meanwhile are still unread, and the
+                # machines must not pay for clsd's stall.
+                if stall_s >= 1.0:
+                    log.warning("event loop stalled for %.1f s: leases extended by it", stall_s)
+                for link in self.links.values():
+                    link.expires_at += stall_s
             for mid, link in list(self.links.items()):
                 if link.expires_at < now:
                     log.warning("machine %s: lease expired", mid)
                     await self._drop(mid, f"machine {mid} stopped reporting (lease expired)")
+            last = time.monotonic()
 
     # -- the machine's event stream -----------------------------------------------------------
 

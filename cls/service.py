@@ -1,10 +1,17 @@
 """clsd's gRPC services: clients (Generate), operators (admin, bearer token) and machines (registry).
 
 Life cycle of a Generate call:
-1. Validate: exactly one of text / token ids, UTF-8, sampling values, max_tokens range, the
-   context length of the machines, the in-flight bound; each failure is INVALID_ARGUMENT or
-   RESOURCE_EXHAUSTED with a message naming the field.
-2. Tokenize (chat template on request) and hand the request to the Dispatcher.
+0. The request's bytes are parsed by the service's own handler (cls/checked_rpc.py): bytes that
+   are no GenerateRequest get INVALID_ARGUMENT.
+1. Validate: the in-flight bound (cls/admission.py: it follows the registered machines' capacity),
+   exactly one of text / token ids, UTF-8, a prompt's characters or token count against the
+   longest context, sampling values, max_tokens range, a request id not already in flight; each
+   failure is INVALID_ARGUMENT, RESOURCE_EXHAUSTED or ALREADY_EXISTS at once, with a message
+   naming the field or the limit.
+2. Tokenize (chat template on request) on a tokenizer thread, never on the event loop; check the
+   tokens against the machines' context and KV memory; hand the request to the Dispatcher, whose
+   attempt ids carry this clsd's incarnation (a machine may still hold an attempt of the same
+   request id from before a restart).
 3. Stream each batch of new tokens with its text (incremental detokenizer); the last message
    carries the finish reason, the machines and the timing (TTFT, TPOT, max TBT, E2E).
 4. A client that cancels the stream cancels the dispatcher's run, which aborts the request on
@@ -18,25 +25,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import itertools
 import logging
-import math
+import secrets
 import time
 
 import grpc
 
+from cls.admission import Admission
 from cls.config import ClsConfig
 from cls.dispatcher import ClusterRequest, Dispatcher, RequestError
 from cls.metrics import ClsMetrics
+from cls.pool_targets import PoolTargets
 from cls.pools import PoolError, Pools
 from cls.registry import RegistrationError, Registry
 from cls.router import Router
-from engine.sequence import InvalidRequestError
-from engine.sequence import SamplingParams as EngineSampling
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from proto import clsd_pb2 as pb
 from proto import clsd_pb2_grpc
-from proto import mlsd_pb2 as mpb
 from proto.roles import Role
 
 log = logging.getLogger("clsd.service")
@@ -46,19 +51,41 @@ log = logging.getLogger("clsd.service")
 class ClusterState:
     """What the services share: pools, router, registry, dispatcher, in-flight requests."""
 
-    _ids = itertools.count()
-
     def __init__(self, cfg: ClsConfig, tokenizer: Tokenizer, metrics: ClsMetrics):
         self.cfg, self.tokenizer, self.metrics = cfg, tokenizer, metrics
+        self.incarnation = secrets.token_hex(4)
+        """This clsd process's name for itself: attempt ids carry it (`<request id>#<incarnation>.<n>`),
+        so an attempt a machine still holds from before a restart never collides with a new one."""
         self.pools = Pools()
+        self.pool_targets = PoolTargets.load(cfg.state_path)
         self.router = Router(self.pools, cfg.router.prompt_queue_limit_tokens, cfg.router.colocated)
         self.dispatcher: Dispatcher | None = None
-        self.registry = Registry(self.pools, cfg.lease_ttl_s, self._on_events, self._on_lost)
+        self.registry = Registry(self.pools, cfg.lease_ttl_s, self._on_events, self._on_lost,
+                                 self.pool_targets.home_of)
         self.dispatcher = Dispatcher(self.pools, self.router, self.registry, cfg.limits.rpc_timeout_s,
                                      cfg.limits.max_reroutes, metrics)
+        self.dispatcher.incarnation = self.incarnation
         self.inflight: dict[str, ClusterRequest] = {}
+        self.admitting: set[str] = set()
+        """Request ids being tokenized: in flight for the bound and the duplicate check."""
+        self.admission = Admission(cfg, tokenizer, self.pools, self.router)
+        self.tokenizers, self.encoder = self.admission.tokenizers, self.admission.encoder
+        """The tokenizer threads, and the encoder that does not hold the GIL (cls/admission.py);
+        the HTTP door renders and encodes chat messages with them too."""
+        self.chars_per_token = self.admission.chars_per_token
+        """The most characters one token stands for (None: unbounded); see cls/admission.py."""
         self.draining = False
         self.admin_token = cfg.admin_token()
+
+    def keep_pool_sizes(self) -> None:
+        """Keeps the operator's pool sizes (every machine's home now) for the next clsd."""
+        homes = {mid: m.home for mid, m in self.pools.machines.items()}
+        num_prompt = sum(home == Role.PROMPT for home in homes.values())
+        try:
+            self.pool_targets.save(num_prompt, len(homes) - num_prompt, homes)
+        except OSError as e:
+            log.error("the pool sizes hold until clsd restarts: cannot keep them in %s: %s",
+                      self.pool_targets.path, e)
 
     def _on_events(self, machine_id, msg) -> None:
         self.dispatcher.on_events(machine_id, msg)
@@ -78,18 +105,41 @@ class ClusterState:
 
     # -- requests: the one path both front doors (gRPC Generate, OpenAI HTTP) take ----------------
 
-    def admit(self, r: pb.GenerateRequest) -> ClusterRequest:
-        """Validates and tokenizes a request and registers it as in flight, or raises RequestError
-        (`param` names the offending field). The caller must then iterate `generate(req)` or call
-        `release(req, ...)`."""
+    async def admit(self, r: pb.GenerateRequest) -> ClusterRequest:
+        """Validates and tokenizes a request (off the event loop) and registers it as in flight,
+        or raises RequestError (`param` names the offending field). The caller must then iterate
+        `generate(req)` or call `release(req, ...)`."""
+        a = self.admission
         try:
-            req = self._validate(r)
+            self._refuse_if_draining()
+            rid, text = a.check(r, self.num_inflight, self.is_live)
+            self.admitting.add(rid)
+            try:
+                prompt_ids = list(r.prompt_token_ids) if text is None else \
+                    await a.tokenize(text, r.apply_chat_template)
+                self._refuse_if_draining()  # the drain may have begun while it was tokenized
+                req = a.request(r, rid, prompt_ids)
+            finally:
+                self.admitting.discard(rid)
         except RequestError:
             self.metrics.requests.labels("rejected").inc()
             raise
         self.inflight[req.request_id] = req
         self.metrics.inflight.set(len(self.inflight))
         return req
+
+    @property
+    def num_inflight(self) -> int:
+        """Requests in flight, those being tokenized included."""
+        return len(self.inflight) + len(self.admitting)
+
+    def is_live(self, request_id: str) -> bool:
+        """Whether a request of this id is in flight (or being tokenized) in this clsd."""
+        return request_id in self.inflight or request_id in self.admitting
+
+    def _refuse_if_draining(self) -> None:
+        if self.draining:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "clsd is draining; retry on another instance")
 
     async def generate(self, req: ClusterRequest):
         """Runs an admitted request; yields (new token ids, their text) and returns when it has
@@ -123,66 +173,6 @@ class ClusterState:
             self.metrics.inflight.set(len(self.inflight))
             self.metrics.requests.labels(outcome).inc()
 
-    def _validate(self, r: pb.GenerateRequest) -> ClusterRequest:
-        lim = self.cfg.limits
-        bad = grpc.StatusCode.INVALID_ARGUMENT
-        if self.draining:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "clsd is draining; retry on another instance")
-        if len(self.inflight) >= lim.max_inflight_requests:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{len(self.inflight)} requests in flight (limit {lim.max_inflight_requests})")
-        if r.prompt and r.prompt_token_ids:
-            raise RequestError(bad, "give prompt or prompt_token_ids, not both", "prompt")
-        if r.prompt_token_ids:
-            if r.apply_chat_template:
-                raise RequestError(bad, "apply_chat_template needs a text prompt", "apply_chat_template")
-            prompt_ids = list(r.prompt_token_ids)
-            vocab = self.tokenizer.vocab_size
-            if max(prompt_ids) >= vocab:
-                raise RequestError(bad, f"prompt_token_ids holds {max(prompt_ids)}, beyond the "
-                                        f"vocabulary of {vocab} tokens", "prompt_token_ids")
-        else:
-            try:
-                text = r.prompt.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise RequestError(bad, f"prompt is not valid UTF-8 (byte {e.start})", "prompt") from None
-            if not text.strip():
-                raise RequestError(bad, "prompt is empty", "prompt")
-            prompt_ids = self.tokenizer.encode_chat([{"role": "user", "content": text}]) \
-                if r.apply_chat_template else self.tokenizer.encode(text)
-        max_tokens = r.max_tokens or lim.default_max_tokens
-        if max_tokens > lim.max_tokens_limit:
-            raise RequestError(bad, f"max_tokens must be <= {lim.max_tokens_limit}, got {max_tokens}",
-                               "max_tokens")
-        for name in ("temperature", "top_p"):
-            if not math.isfinite(getattr(r, name)):
-                raise RequestError(bad, f"{name} must be finite", name)
-        try:
-            EngineSampling(max_tokens=max_tokens, temperature=r.temperature, top_k=r.top_k,
-                           top_p=r.top_p or 1.0).validate()
-        except InvalidRequestError as e:
-            raise RequestError(bad, str(e), _first_word(str(e))) from None
-        if not self.pools.machines:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "no machines are registered")
-        total = len(prompt_ids) + max_tokens
-        if not self.router.fits_anywhere(total):
-            longest = max(m.max_model_len for m in self.pools.machines.values())
-            raise RequestError(bad, f"prompt of {len(prompt_ids)} tokens + max_tokens {max_tokens} "
-                                    f"exceeds the context ({longest} tokens) or KV memory of every machine",
-                               "max_tokens")
-        rid = r.request_id or f"cmpl-{next(self._ids)}-{time.monotonic_ns() % 10**6}"
-        if rid in self.inflight:
-            raise RequestError(bad, f"request_id {rid!r} is already in flight", "request_id")
-        sampling = mpb.SamplingParams(max_tokens=max_tokens, temperature=r.temperature, top_k=r.top_k,
-                                      top_p=r.top_p, stop_token_ids=r.stop_token_ids,
-                                      ignore_eos=r.ignore_eos)
-        if r.HasField("seed"):
-            sampling.seed = r.seed
-        stop = set(r.stop_token_ids)
-        if not r.ignore_eos and self.tokenizer.eos_token_id is not None:
-            stop.add(self.tokenizer.eos_token_id)
-        return ClusterRequest(rid, prompt_ids, sampling, frozenset(stop))
-
     def _observe_tokens(self, req: ClusterRequest, num_new: int) -> None:
         times, m = req.token_times, self.metrics
         start = len(times) - num_new
@@ -191,12 +181,6 @@ class ClusterState:
             start = 1
         for i in range(start, len(times)):
             m.tbt.observe(times[i] - times[i - 1])
-
-
-def _first_word(message: str) -> str | None:
-    """The field an engine validation message opens with ("temperature must be ...")."""
-    word = message.split(" ", 1)[0]
-    return word if word.isidentifier() else None
 
 
 # --- clients ---------------------------------------------------------------------------------
@@ -208,7 +192,7 @@ class ClientService(clsd_pb2_grpc.ClientServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context):
         try:
-            req = self.s.admit(request)
+            req = await self.s.admit(request)
         except RequestError as e:
             await context.abort(e.code, e.message)
         try:
@@ -298,6 +282,7 @@ class AdminService(clsd_pb2_grpc.AdminServiceServicer):
         for mv in moves:
             log.info("resize: machine %s moves from the %s pool to the %s pool", mv.machine_id,
                      mv.from_pool, mv.to_pool)
+        self.s.keep_pool_sizes()
         return pb.ResizePoolsReply(moves=[pb.PoolMove(machine_id=mv.machine_id,
                                                       from_pool=mv.from_pool.to_pb(),
                                                       to_pool=mv.to_pool.to_pb()) for mv in moves])

@@ -20,6 +20,7 @@ from cls.client.sdk import (
 )
 from cls.client.types import (
     ROLE_NAMES,
+    AlreadyExists,
     Cancelled,
     ClsError,
     Completion,
@@ -63,6 +64,7 @@ __all__ = [
     "PoolMove",
     "PoolStatus",
     "Pools",
+    "AlreadyExists",
     "ResourceExhausted",
     "Timing",
     "Unauthenticated",

@@ -1,32 +1,72 @@
-"""OpenAI request bodies -> clsd's GenerateRequest (pure: no I/O, no network).
+"""OpenAI request bodies -> clsd's GenerateRequest (pure: no I/O, no network, no tokenizer).
 
-`parse_body` checks the bytes (UTF-8, JSON, an object); `parse_completion` / `parse_chat` check
-the fields' types and the values only HTTP has (n, stop strings, max_tokens <= 0, the model
-name, chat messages) and build a `pb.GenerateRequest`. Everything the gRPC door checks too
-(sampling ranges, max_tokens against the context, the vocabulary, draining, the in-flight bound)
-is left to `ClusterState.admit`, the one validation both doors share. Each failure is an
-`ApiError` naming the field, in OpenAI's error object.
+`parse_body` checks the bytes (UTF-8, JSON without NaN, huge integers or deep nesting, an
+object); `parse_completion` / `parse_chat` check the fields' types and the values only HTTP has
+(n, stop strings, max_tokens <= 0, temperature in [0, 2], top_p in (0, 1], the model name, chat
+messages) and build a `pb.GenerateRequest`. Everything the gRPC door checks too (max_tokens
+against the context, the vocabulary, draining, the in-flight bound) is left to
+`ClusterState.admit`, the one validation both doors share. Each failure is an `ApiError` naming
+the field, in OpenAI's error object.
+
+Fields, as vLLM's server treats them: the ones read here; the sampling features that need the
+engine (penalties, min_p, min_tokens, logprobs, n > 1), accepted at their neutral value and
+otherwise refused as "not supported yet"; other known features at their "off" value only (tools,
+guided decoding...); and unknown fields, ignored and listed in `ParsedRequest.unknown` for the
+door to log and count.
 """
 
 from __future__ import annotations
 
 import json
-import uuid
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
-from engine.tokenizer import Tokenizer, TokenizerError
 from proto import clsd_pb2 as pb
 
 _MISSING = object()
 _ROLES = ("system", "developer", "user", "assistant", "tool")
-# Known OpenAI fields this server does not implement: accepted only at their "off" values.
-_OFF = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},),
-        "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "best_of": (1,),
-        "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
-        "response_format": ({"type": "text"},), "parallel_tool_calls": (True, False)}
-_IGNORED = ("user", "metadata", "store", "service_tier")
-_COMMON = ("model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "stop",
-           "seed", "n", "ignore_eos", "stop_token_ids")
+MAX_TOKEN_ID = 2**31 - 1  # far beyond any vocabulary; admit() checks the real one
+
+# Read by parse_completion / parse_chat.
+_COMMON = ("model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
+           "top_p", "top_k", "stop", "seed", "ignore_eos", "stop_token_ids",
+           "include_stop_str_in_output")
+# Known and harmless to ignore.
+_IGNORED = ("user", "metadata", "store", "service_tier", "priority", "request_id")
+
+
+@dataclass(frozen=True)
+class _NeedsEngine:
+    """A sampling feature the engine does not implement yet: its type, its valid range (a
+    value outside it is invalid, whatever the engine), and its neutral values (accepted)."""
+    kind: type
+    valid: object  # value -> bool
+    range_text: str
+    neutral: tuple
+
+
+_ANY = lambda v: True  # noqa: E731
+_NEEDS_ENGINE = {
+    "n": _NeedsEngine(int, lambda v: v >= 1, "at least 1", (1,)),
+    "min_tokens": _NeedsEngine(int, lambda v: v >= 0, ">= 0", (0,)),
+    "repetition_penalty": _NeedsEngine(float, lambda v: 0 < v < math.inf, "finite and > 0", (1.0,)),
+    "presence_penalty": _NeedsEngine(float, lambda v: -2 <= v <= 2, "in [-2, 2]", (0.0,)),
+    "frequency_penalty": _NeedsEngine(float, lambda v: -2 <= v <= 2, "in [-2, 2]", (0.0,)),
+    "min_p": _NeedsEngine(float, lambda v: 0 <= v <= 1, "in [0, 1]", (0.0,)),
+    "top_logprobs": _NeedsEngine(int, lambda v: 0 <= v <= 20, "in 0..20", (0,)),
+    "length_penalty": _NeedsEngine(float, math.isfinite, "finite", (1.0,)),
+}
+_LOGPROBS = {"chat": _NeedsEngine(bool, _ANY, "", (False,)),
+             # On completions `logprobs: 0` asks for the sampled token's logprob: not neutral.
+             "completion": _NeedsEngine(int, lambda v: 0 <= v <= 20, "in 0..20", ())}
+# Known features of other kinds, accepted only at their "off" values.
+_OFF = {"logit_bias": ({},), "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],),
+        "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},),
+        "parallel_tool_calls": (True, False), "use_beam_search": (False,), "prompt_logprobs": (),
+        "skip_special_tokens": (True,), "allowed_token_ids": (), "bad_words": ([],),
+        "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+        "structured_outputs": (), "add_generation_prompt": (True,), "continue_final_message": (False,),
+        "truncate_prompt_tokens": ()}
 
 
 class ApiError(Exception):
@@ -55,6 +95,20 @@ class ParsedRequest:
     stop: tuple[str, ...]
     prompt_param: str  # where a prompt problem found later is reported: "prompt" or "messages"
     max_tokens_param: str
+    continuous_usage: bool = False  # usage on every chunk (stream_options.continuous_usage_stats)
+    include_stop: bool = False  # include_stop_str_in_output
+    max_tokens_given: bool = True  # False: the door fills in the rest of the context
+    messages: list[dict] | None = None  # chat turns, for the door to tokenize
+    unknown: tuple[str, ...] = field(default=())  # unknown field names, ignored
+
+
+@dataclass
+class TokenizeRequest:
+    text: str | None
+    messages: list[dict] | None
+    add_special_tokens: bool
+    return_token_strs: bool
+    unknown: tuple[str, ...] = ()
 
 
 def parse_body(raw: bytes) -> dict:
@@ -63,19 +117,27 @@ def parse_body(raw: bytes) -> dict:
     except UnicodeDecodeError as e:
         raise bad("body", f"the request body is not valid UTF-8 (byte {e.start})") from None
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise bad("body", f"the request body is not valid JSON: {e.msg} at line {e.lineno} "
                           f"column {e.colno}") from None
+    except RecursionError:
+        raise bad("body", "the request body is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4300 digits, NaN, Infinity
+        raise bad("body", f"the request body is not valid JSON: {_clip(str(e), 120)}") from None
     if not isinstance(body, dict):
         raise bad("body", f"the request body must be a JSON object, got {_kind(body)}")
     return body
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_completion(body: dict, model_name: str, max_stop: int) -> ParsedRequest:
-    _check_fields(body, _COMMON + ("prompt",))
+    unknown = _check_fields(body, _COMMON + ("prompt",), "completion")
     prompt = body.get("prompt", _MISSING)
-    spec = pb.GenerateRequest(request_id=f"cmpl-{uuid.uuid4().hex}")
+    spec = pb.GenerateRequest()
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if prompt is _MISSING:
@@ -83,8 +145,9 @@ def parse_completion(body: dict, model_name: str, max_stop: int) -> ParsedReques
     if isinstance(prompt, str):
         spec.prompt = _utf8("prompt", prompt)
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        if min(prompt) < 0:
-            raise bad("prompt", f"prompt token ids must be >= 0, got {min(prompt)}")
+        if not 0 <= min(prompt) <= max(prompt) <= MAX_TOKEN_ID:
+            worst = min(prompt) if min(prompt) < 0 else max(prompt)
+            raise bad("prompt", f"prompt holds the token id {_clip(str(worst))}, beyond the vocabulary")
         spec.prompt_token_ids.extend(prompt)
     elif isinstance(prompt, list) and not prompt:
         raise bad("prompt", "prompt is empty")
@@ -93,11 +156,13 @@ def parse_completion(body: dict, model_name: str, max_stop: int) -> ParsedReques
     else:
         raise bad("prompt", "prompt must be a string, a list of token ids, or a list holding one of "
                             "those")
-    return _common(body, spec, model_name, max_stop, chat=False, max_tokens_param="max_tokens")
+    return _common(body, spec, model_name, max_stop, chat=False, unknown=unknown)
 
 
-def parse_chat(body: dict, model_name: str, max_stop: int, tokenizer: Tokenizer) -> ParsedRequest:
-    _check_fields(body, _COMMON + ("messages", "max_completion_tokens"))
+def parse_chat(body: dict, model_name: str, max_stop: int) -> ParsedRequest:
+    """The chat request with its turns in `messages`; the door renders and tokenizes them
+    (off the event loop) into `spec.prompt_token_ids`."""
+    unknown = _check_fields(body, _COMMON + ("messages", "chat_template_kwargs"), "chat")
     messages = body.get("messages", _MISSING)
     if messages is _MISSING:
         raise bad("messages", "messages is required")
@@ -106,13 +171,45 @@ def parse_chat(body: dict, model_name: str, max_stop: int, tokenizer: Tokenizer)
     if not messages:
         raise bad("messages", "messages is empty: give at least one message")
     turns = [_message(i, m) for i, m in enumerate(messages)]
-    try:
-        prompt_ids = tokenizer.encode_chat(turns)
-    except TokenizerError as e:
-        raise bad("messages", f"the model's chat template refused the messages: {e}") from None
-    spec = pb.GenerateRequest(request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_token_ids=prompt_ids)
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return _common(body, spec, model_name, max_stop, chat=True, max_tokens_param=key)
+    _get(body, "chat_template_kwargs", dict, {})  # accepted and ignored, as vLLM's unknown ones
+    parsed = _common(body, pb.GenerateRequest(), model_name, max_stop, chat=True, unknown=unknown)
+    parsed.messages = turns
+    return parsed
+
+
+def parse_tokenize(body: dict, model_name: str) -> TokenizeRequest:
+    """vLLM's /tokenize: {"prompt": text} or {"messages": [...]}; `model` may be left out."""
+    unknown = _check_fields(body, ("model", "prompt", "messages", "add_special_tokens",
+                                   "return_token_strs", "chat_template_kwargs"), "tokenize")
+    _model(body, model_name, required=False)
+    text, messages = body.get("prompt"), body.get("messages")
+    if (text is None) == (messages is None):
+        raise bad("prompt", "give prompt (a string) or messages (a list of message objects)")
+    if text is not None:
+        if not isinstance(text, str):
+            raise bad("prompt", f"prompt must be a string, got {_kind(text)}")
+        _utf8("prompt", text)
+    else:
+        if not isinstance(messages, list) or not messages:
+            raise bad("messages", "messages must be a non-empty list of message objects")
+        messages = [_message(i, m) for i, m in enumerate(messages)]
+    add_special = _get(body, "add_special_tokens", bool, text is not None)  # vLLM's defaults
+    return TokenizeRequest(text, messages, add_special, _get(body, "return_token_strs", bool, False),
+                           unknown)
+
+
+def parse_detokenize(body: dict, model_name: str) -> tuple[list[int], tuple[str, ...]]:
+    """vLLM's /detokenize: {"tokens": [ids]} -> the ids (bounded, not yet against the vocabulary)
+    and the unknown fields."""
+    unknown = _check_fields(body, ("model", "tokens"), "detokenize")
+    _model(body, model_name, required=False)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+        raise bad("tokens", f"tokens must be a list of token ids, got {_kind(tokens)}")
+    if tokens and not 0 <= min(tokens) <= max(tokens) <= MAX_TOKEN_ID:
+        worst = min(tokens) if min(tokens) < 0 else max(tokens)
+        raise bad("tokens", f"tokens holds the token id {_clip(str(worst))}, beyond the vocabulary")
+    return tokens, unknown
 
 
 def _message(i: int, m) -> dict:
@@ -121,7 +218,8 @@ def _message(i: int, m) -> dict:
         raise bad(where, f"{where} must be an object with role and content, got {_kind(m)}")
     role = m.get("role")
     if role not in _ROLES:
-        raise bad(f"{where}.role", f"{where}.role must be one of {', '.join(_ROLES)}, got {role!r}")
+        raise bad(f"{where}.role", f"{where}.role must be one of {', '.join(_ROLES)}, "
+                                   f"got {_clip(repr(role))}")
     content = m.get("content")
     if isinstance(content, list):  # content parts: only text ones
         for j, part in enumerate(content):
@@ -136,53 +234,72 @@ def _message(i: int, m) -> dict:
     return {"role": role, "content": content}
 
 
+def _model(body: dict, model_name: str, required: bool) -> None:
+    model = body.get("model", _MISSING)
+    if model is _MISSING or model is None:
+        if required:
+            raise bad("model", "model is required")
+        return
+    if not isinstance(model, str):
+        raise bad("model", f"model must be a string, got {_kind(model)}")
+    if model != model_name:
+        raise ApiError(404, f"the model {_clip(repr(model))} does not exist; this server serves "
+                            f"{model_name!r}", "model", code="model_not_found")
+
+
 def _common(body: dict, spec: pb.GenerateRequest, model_name: str, max_stop: int, *, chat: bool,
-            max_tokens_param: str) -> ParsedRequest:
+            unknown: tuple[str, ...]) -> ParsedRequest:
     model = body.get("model", _MISSING)
     if model is _MISSING or model is None:
         raise bad("model", "model is required")
     if not isinstance(model, str):
         raise bad("model", f"model must be a string, got {_kind(model)}")
-    n = _get(body, "n", int, 1)
-    if n != 1:
-        raise bad("n", f"only n=1 is supported, got n={n}")
-    max_tokens = _get(body, max_tokens_param, int, None)
+    # max_completion_tokens is OpenAI's newer name; vLLM reads it first on both endpoints.
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _get(body, key, int, None)
     if max_tokens is not None:
         if max_tokens <= 0:
-            raise bad(max_tokens_param, f"{max_tokens_param} must be at least 1, got {max_tokens}")
+            raise bad(key, f"{key} must be at least 1, got {_clip(str(max_tokens))}")
         spec.max_tokens = min(max_tokens, 2**32 - 1)  # admit() names the configured limit
-    spec.temperature = _get(body, "temperature", float, 1.0)
-    spec.top_p = _get(body, "top_p", float, 1.0)
+    temperature = _get(body, "temperature", float, 1.0)
+    if not 0 <= temperature <= 2:
+        raise bad("temperature", f"temperature must be >= 0 and <= 2, got {temperature}")
+    spec.temperature = temperature
+    top_p = _get(body, "top_p", float, 1.0)
+    if not 0 < top_p <= 1:
+        raise bad("top_p", f"top_p must be in (0, 1], got {top_p}")
+    spec.top_p = top_p
     top_k = _get(body, "top_k", int, 0)
     if not -2**31 <= top_k < 2**31:
-        raise bad("top_k", f"top_k out of range: {top_k}")
+        raise bad("top_k", f"top_k out of range: {_clip(str(top_k))}")
     spec.top_k = top_k
     seed = _get(body, "seed", int, None)
     if seed is not None:
         if not 0 <= seed < 2**64:
-            raise bad("seed", f"seed must be in 0..2**64-1, got {seed}")
+            raise bad("seed", f"seed must be in 0..2**64-1, got {_clip(str(seed))}")
         spec.seed = seed
     spec.ignore_eos = _get(body, "ignore_eos", bool, False)
     stop_ids = _get(body, "stop_token_ids", list, [])
-    if not all(_is_int(t) and 0 <= t < 2**32 for t in stop_ids):
+    if not all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in stop_ids):
         raise bad("stop_token_ids", "stop_token_ids must be a list of token ids")
     spec.stop_token_ids.extend(stop_ids)
     stream = _get(body, "stream", bool, False)
     options = _get(body, "stream_options", dict, {})
     if options and not stream:
         raise bad("stream_options", "stream_options needs stream: true")
-    unknown = sorted(set(options) - {"include_usage"})
-    if unknown:
-        raise bad("stream_options", f"unknown field stream_options.{unknown[0]}")
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise bad("stream_options", "stream_options.include_usage must be a boolean")
-    chat_name = "prompt" if not chat else "messages"
-    parsed = ParsedRequest(spec, chat, stream, include_usage, _stop(body, max_stop), chat_name,
-                           max_tokens_param)
+    include_usage = _get(options, "include_usage", bool, False, "stream_options.include_usage")
+    # As vLLM: usage on every chunk only together with include_usage.
+    continuous = _get(options, "continuous_usage_stats", bool, False,
+                      "stream_options.continuous_usage_stats") and include_usage
+    unknown += tuple(f"stream_options.{k}" for k in options
+                     if k not in ("include_usage", "continuous_usage_stats"))
+    parsed = ParsedRequest(spec, chat, stream, include_usage, _stop(body, max_stop),
+                           "messages" if chat else "prompt", key, continuous,
+                           _get(body, "include_stop_str_in_output", bool, False),
+                           max_tokens is not None, unknown=unknown)
     if model != model_name:  # after the types: a malformed body is a 400 whatever its model
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
-                       "model", code="model_not_found")
+        raise ApiError(404, f"the model {_clip(repr(model))} does not exist; this server serves "
+                            f"{model_name!r}", "model", code="model_not_found")
     return parsed
 
 
@@ -202,18 +319,41 @@ def _stop(body: dict, max_stop: int) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _check_fields(body: dict, known: tuple[str, ...]) -> None:
+def _check_fields(body: dict, known: tuple[str, ...], endpoint: str) -> tuple[str, ...]:
+    """Checks the known fields the door does not act on; returns the unknown field names."""
+    unknown = []
     for key, value in body.items():
         if key in known or key in _IGNORED:
             continue
-        if key in _OFF:
-            if value is not None and value not in _OFF[key]:
-                raise bad(key, f"{key}={json.dumps(value)} is not supported by this server")
-            continue
-        raise bad(key, f"unknown field {key!r}")
+        if value is None and (key in _NEEDS_ENGINE or key in _OFF or key == "logprobs"):
+            continue  # null: the default, i.e. off
+        rule = _LOGPROBS["chat" if endpoint == "chat" else "completion"] if key == "logprobs" \
+            else _NEEDS_ENGINE.get(key)
+        if rule is not None:
+            _needs_engine(key, value, rule)
+        elif key in _OFF:
+            if value not in _OFF[key]:
+                raise bad(key, f"{key}={_show(value)} is not supported by this server yet")
+        else:
+            unknown.append(key)
+    return tuple(unknown)
 
 
-def _get(body: dict, key: str, kind: type, default):
+def _needs_engine(key: str, value, rule: _NeedsEngine) -> None:
+    v = _get({key: value}, key, rule.kind, None)
+    if not rule.valid(v):
+        raise bad(key, f"{key} must be {rule.range_text}, got {_show(value)}")
+    if v not in rule.neutral:
+        if key == "n":
+            raise bad(key, f"n={_show(value)} is not supported yet: only n=1")
+        neutral = f"; leave it out or send {json.dumps(rule.neutral[0])}" if rule.neutral else \
+            "; leave it out or send null"
+        raise bad(key, f"{key}={_show(value)} is not supported yet (the engine does not implement "
+                       f"it){neutral}")
+
+
+def _get(body: dict, key: str, kind: type, default, name: str | None = None):
+    name = name or key
     value = body.get(key)
     if value is None:
         return default
@@ -221,13 +361,13 @@ def _get(body: dict, key: str, kind: type, default):
         try:
             return float(value)
         except OverflowError:
-            raise bad(key, f"{key} is out of range") from None
+            raise bad(name, f"{name} is out of range") from None
     if kind is int and _is_int(value):
         return value
     if kind in (bool, list, dict) and isinstance(value, kind):
         return value
     names = {float: "a number", int: "an integer", bool: "a boolean", list: "a list", dict: "an object"}
-    raise bad(key, f"{key} must be {names[kind]}, got {_kind(value)}")
+    raise bad(name, f"{name} must be {names[kind]}, got {_kind(value)}")
 
 
 def _is_int(v) -> bool:
@@ -239,6 +379,18 @@ def _kind(v) -> str:
         return "null"
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
             dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def _show(v) -> str:
+    """A value for an error message: scalars as JSON, clipped; containers by their kind (a
+    deeply nested one must not be walked)."""
+    if isinstance(v, (list, dict)):
+        return ("[...]" if isinstance(v, list) else "{...}") if v else json.dumps(v)
+    return _clip(json.dumps(v))
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + f"...({len(text)} characters)"
 
 
 def _utf8(param: str, text: str) -> bytes:

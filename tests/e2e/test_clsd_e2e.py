@@ -127,6 +127,9 @@ def test_admin_needs_the_token(cluster):
     (dict(prompt=b"hi", temperature=float("nan")), "temperature"),
     (dict(prompt_token_ids=[VOCAB + 10]), "vocabulary"),
     (dict(prompt=b"hi", prompt_token_ids=[5]), "not both"),
+    (dict(prompt=b"a " * 400_000), "cannot fit: the limit is"),  # refused before tokenizing
+    (dict(prompt=b"hi", stop_token_ids=[7] * 2000), "stop_token_ids"),
+    (dict(prompt=b"hi", request_id="r" * 300), "request_id"),
 ])
 def test_bad_client_input_is_invalid_argument(cluster, request_kwargs, fragment):
     with grpc.insecure_channel(cluster.clsd.address) as ch:

@@ -5,10 +5,14 @@ that no request leaves KV blocks behind."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
+import logging
 import random
+import re
 import signal
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -103,6 +107,12 @@ class RawStream:
                           f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
                           .encode() + payload)
         self.buf = b""
+
+    def read_head(self) -> bytes:
+        """Reads until the response's headers have arrived (a stream sends them once admitted)."""
+        while b"\r\n\r\n" not in self.buf and (chunk := self.sock.recv(65536)):
+            self.buf += chunk
+        return self.buf
 
     def read_events(self, count: int) -> bytes:
         """Reads until `count` SSE events (or the end of the response) have arrived."""
@@ -224,14 +234,171 @@ def test_stop_strings_cut_the_text_before_them_streamed_or_whole(cluster):
     assert stop.strip(), full
     want = full[:full.index(stop)]
     for kwargs in ({}, {"stream": True}):
-        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0,
-                                        stop=[stop, "no such text"], extra_body={"ignore_eos": True},
-                                        **kwargs)
-        chunks = list(got) if kwargs else [got]
-        text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
-        assert text == want, (kwargs, stop, full, text)
-        assert chunks[-1].choices[0].finish_reason == "stop"
+        for include in (False, True):  # include_stop_str_in_output keeps the stop string
+            got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0,
+                                            stop=[stop, "no such text"],
+                                            extra_body={"ignore_eos": True, "include_stop_str_in_output": include},
+                                            **kwargs)
+            chunks = list(got) if kwargs else [got]
+            text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+            assert text == want + (stop if include else ""), (kwargs, include, stop, full, text)
+            assert chunks[-1].choices[0].finish_reason == "stop"
     _wait_idle(cluster)  # the rest of each run was aborted on the machines
+
+
+# --- what vLLM's clients send ----------------------------------------------------------------
+
+NEUTRAL = {"min_tokens": 0, "repetition_penalty": 1.0, "presence_penalty": 0, "frequency_penalty": 0.0,
+           "min_p": 0.0, "top_logprobs": 0, "chat_template_kwargs": {"enable_thinking": False},
+           "include_stop_str_in_output": False, "skip_special_tokens": True}
+
+
+def test_unknown_fields_are_ignored_logged_once_and_counted_neutral_values_accepted(cluster):
+    client = openai.OpenAI(base_url=_base_url(cluster) + "/v1", api_key=API_KEY, max_retries=0)
+    ref = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0)
+    before = _metric(cluster, 'clsd_http_unknown_fields_total{field="frobnicate_e2e"}')
+    for _ in range(3):
+        got = client.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, n=1, logprobs=False,
+            presence_penalty=0, frequency_penalty=0,
+            extra_body={**NEUTRAL, "frobnicate_e2e": {"deep": [1, 2]}, "another_novelty_e2e": None})
+        assert got.choices[0].message.content == ref.choices[0].message.content
+    got = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
+                                    temperature=0, extra_body={**NEUTRAL, "frobnicate_e2e": 1})
+    assert got.usage.completion_tokens <= 4
+    assert _metric(cluster, 'clsd_http_unknown_fields_total{field="frobnicate_e2e"}') == before + 4
+    log = cluster.clsd.log()
+    assert log.count("ignoring the unknown request field 'frobnicate_e2e'") == 1, log[-3000:]
+    assert log.count("ignoring the unknown request field 'another_novelty_e2e'") == 1
+
+
+def test_max_completion_tokens_on_completions(cluster):
+    client = openai.OpenAI(base_url=_base_url(cluster) + "/v1", api_key=API_KEY, max_retries=0)
+    got = client.completions.create(model=MODEL, prompt="Once upon a time", temperature=0,
+                                    extra_body={"max_completion_tokens": 5, "ignore_eos": True})
+    assert got.usage.completion_tokens == 5 and got.choices[0].finish_reason == "length"
+
+
+def test_role_goes_with_the_first_token_and_usage_on_every_chunk(cluster):
+    client = openai.OpenAI(base_url=_base_url(cluster) + "/v1", api_key=API_KEY, max_retries=0)
+    for chat in (True, False):
+        kwargs = dict(model=MODEL, max_tokens=10, temperature=0, stream=True,
+                      stream_options={"include_usage": True, "continuous_usage_stats": True},
+                      extra_body={"ignore_eos": True})
+        chunks = list(client.chat.completions.create(messages=QUESTION, **kwargs) if chat else
+                      client.completions.create(prompt="Once upon a time", **kwargs))
+        with_choices = [ch for ch in chunks if ch.choices]
+        if chat:  # no role-only chunk ahead of the prefill: the role rides on the first token
+            first = with_choices[0].choices[0].delta
+            assert first.role == "assistant" and first.content, chunks[:2]
+            assert all(ch.choices[0].delta.role is None for ch in with_choices[1:])
+        # usage on every chunk, growing with the tokens, the last one the request's total
+        done = [ch.usage.completion_tokens for ch in chunks]
+        assert all(ch.usage is not None for ch in chunks) and done == sorted(done), done
+        assert done[0] >= 1 and done[-1] == 10 and not chunks[-1].choices
+        assert len({ch.usage.prompt_tokens for ch in chunks}) == 1
+    _wait_idle(cluster)
+
+
+def test_default_max_tokens_is_the_rest_of_the_context(cluster, tokenizer):
+    machines = cluster.admin("ListMachines", pb.ListMachinesRequest()).machines
+    room = min(8192, max(m.kv_blocks_total for m in machines) * 16)  # context, KV (16-token blocks)
+    prompt = [tokenizer.encode("hello")[0]] * (room - 6)  # fits only with max_tokens <= 6
+    code, reply = _post(cluster, "/v1/completions", {**_P, "prompt": prompt, "ignore_eos": True,
+                                                     "temperature": 0})
+    assert code == 200 and reply["usage"]["completion_tokens"] == 6, reply
+    assert reply["choices"][0]["finish_reason"] == "length"
+    _wait_idle(cluster)
+
+
+def test_x_request_id_is_taken_and_echoed(cluster):
+    def post(headers: dict, body: dict) -> tuple[int, dict, dict]:
+        req = urllib.request.Request(_base_url(cluster) + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {API_KEY}", **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, dict(r.headers), json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), json.loads(e.read())
+
+    code, headers, reply = post({"X-Request-Id": "trace-42.a_b"}, {**_P, "max_tokens": 2})
+    assert code == 200 and headers["x-request-id"] == "trace-42.a_b" and reply["id"] == "cmpl-trace-42.a_b"
+    for bad_id in ("x" * 129, "has space", ""):
+        code, headers, reply = post({"X-Request-Id": bad_id}, {**_P, "max_tokens": 2})
+        rid = headers["x-request-id"]
+        assert code == 200 and rid != bad_id and re.fullmatch(r"[0-9a-f]{32}", rid) and reply["id"] == f"cmpl-{rid}"
+    code, headers, reply = post({"X-Request-Id": "bad-one"}, {**_P, "top_p": 0})
+    assert code == 400 and headers["x-request-id"] == "bad-one"
+    client = openai.OpenAI(base_url=_base_url(cluster) + "/v1", api_key=API_KEY, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=QUESTION, max_tokens=2,
+                                                           stream=True, extra_headers={"X-Request-Id": "s-1"})
+    assert raw.headers["x-request-id"] == "s-1"
+    assert all(ch.id == "chatcmpl-s-1" for ch in raw.parse())
+    # The same id twice at once: the second request still runs, under a suffixed id.
+    first = client.completions.with_raw_response.create(model=MODEL, prompt="hi", max_tokens=500, stream=True,
+                                                        extra_headers={"X-Request-Id": "dup"},
+                                                        extra_body={"ignore_eos": True})
+    second = client.completions.with_raw_response.create(model=MODEL, prompt="hi", max_tokens=2,
+                                                         extra_headers={"X-Request-Id": "dup"})
+    assert second.headers["x-request-id"] == "dup"
+    assert re.fullmatch(r"cmpl-dup-[0-9a-f]{8}", second.parse().id), second.parse().id
+    first.http_response.close()
+    _wait_idle(cluster)
+
+
+def test_ping_version_models_tokenize_detokenize(cluster, tokenizer):
+    base = _base_url(cluster)
+    for method in ("GET", "POST"):
+        with urllib.request.urlopen(urllib.request.Request(base + "/ping", method=method), timeout=10) as r:
+            assert r.status == 200
+    with urllib.request.urlopen(base + "/version", timeout=10) as r:
+        assert json.loads(r.read()) == {"version": importlib.metadata.version("splitserve")}
+    client = openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0)
+    card = client.models.list().data[0]
+    assert card.id == MODEL and card.model_extra["max_model_len"] == 8192
+    assert client.models.retrieve(MODEL).model_extra["max_model_len"] == 8192
+
+    text = "The capital of France is Paris."
+    code, reply = _post(cluster, "/tokenize", {"model": MODEL, "prompt": text})
+    assert code == 200 and reply == {"count": len(tokenizer.encode(text, True)), "max_model_len": 8192,
+                                     "tokens": tokenizer.encode(text, True), "token_strs": None}, reply
+    code, chat = _post(cluster, "/tokenize", {"model": MODEL, "messages": QUESTION})
+    assert code == 200 and chat["tokens"] == tokenizer.encode_chat(QUESTION) and chat["count"] == len(chat["tokens"])
+    code, back = _post(cluster, "/detokenize", {"model": MODEL, "tokens": reply["tokens"]})
+    assert code == 200 and back == {"prompt": text}
+    assert _post(cluster, "/detokenize", {"tokens": [10**6]})[1]["error"]["param"] == "tokens"
+    assert _post(cluster, "/tokenize", {"model": "other", "prompt": "x"})[0] == 404
+    assert _post(cluster, "/tokenize", {"prompt": "x"}, key=None)[0] == 401
+
+
+def _log_since(c: Cluster, start: int) -> str:
+    return c.clsd.log()[start:]
+
+
+def test_4xx_lines_are_rate_limited_and_a_client_leaving_mid_body_is_one_line(cluster):
+    start = len(cluster.clsd.log())
+    t0 = time.monotonic()
+    for _ in range(40):
+        assert _post(cluster, "/v1/completions", {**_P, "top_p": 0})[0] == 400
+    elapsed = time.monotonic() - t0
+    lines = [ln for ln in _log_since(cluster, start).splitlines() if " http 400 POST /v1/completions" in ln]
+    assert 1 <= len(lines) <= 5 * (elapsed + 2), (len(lines), elapsed)
+    assert "top_p must be in (0, 1]" in lines[0] and "x-request-id" in lines[0]
+
+    def suppressed_reported() -> bool:  # the next line let through says how many were held back
+        _post(cluster, "/v1/completions", {**_P, "top_p": 0})
+        return "similar lines suppressed" in _log_since(cluster, start)
+    _wait_for(suppressed_reported, 15, lambda: _log_since(cluster, start)[-2000:])
+
+    def leave_mid_body() -> bool:
+        with socket.create_connection(("127.0.0.1", cluster.clsd.ready["http_port"]), timeout=10) as sock:
+            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode() + b'{"model": ')
+            time.sleep(0.2)  # pacing only: the server has read the headers and waits for the body
+        return "closed the connection after 10 bytes of the body" in _log_since(cluster, start)
+    _wait_for(leave_mid_body, 15, lambda: _log_since(cluster, start)[-2000:])
+    assert "Traceback" not in cluster.clsd.log()
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -265,7 +432,6 @@ BAD_INPUT = [
     ("/v1/completions", {**_P, "stop": [1]}, 400, "stop", "strings"),
     ("/v1/completions", {**_P, "stream": "yes"}, 400, "stream", "must be a boolean"),
     ("/v1/completions", {**_P, "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
-    ("/v1/completions", {**_P, "frobnicate": 1}, 400, "frobnicate", "unknown field"),
     ("/v1/completions", {**_P, "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages", "empty"),
     ("/v1/chat/completions", {"model": MODEL}, 400, "messages", "required"),
@@ -278,15 +444,63 @@ BAD_INPUT = [
     ("/v1/chat/completions", {**_Q, "max_completion_tokens": 4000}, 400, "max_completion_tokens",
      "exceeds the context"),
     ("/v1/chat/completions", {**_Q, "model": "llama"}, 404, "model", "does not exist"),
+    # Hostile but legal bytes: never a 500.
+    ("/v1/completions", b'{"model": "' + MODEL.encode() + b'", "prompt": [1099511627776]}', 400, "prompt",
+     "beyond the vocabulary"),
+    ("/v1/completions", b'{"model": "' + MODEL.encode() + b'", "prompt": "hi", "max_tokens": ' + b"7" * 5000 + b"}",
+     400, "body", "not valid JSON"),
+    ("/v1/completions", b"[" * 100_000, 400, "body", "nested too deeply"),
+    ("/v1/chat/completions", b'{"messages": ' + b"[" * 100_000, 400, "body", "nested too deeply"),
+    ("/v1/completions", b'{"model": "' + MODEL.encode() + b'", "prompt": "hi", "top_p": NaN}', 400, "body", "NaN"),
+    ("/v1/completions", b'"just a string"', 400, "body", "JSON object"),
+    ("/v1/completions", b"null", 400, "body", "JSON object"),
+    ("/v1/completions", b"", 400, "body", "not valid JSON"),
+    ("/v1/completions", {**_P, "prompt": [1] * 9000}, 400, "prompt", "leaves no room for output"),
+    ("/v1/completions", {**_P, "prompt": "hello " * 9000}, 400, "prompt", "leaves no room for output"),
+    # Ranges as vLLM's (OpenAI's) and engine features the door cannot honour yet.
+    ("/v1/completions", {**_P, "temperature": 2.5}, 400, "temperature", "<= 2"),
+    ("/v1/completions", {**_P, "top_p": 0}, 400, "top_p", "top_p must be in (0, 1], got 0"),
+    ("/v1/chat/completions", {**_Q, "top_p": -0.5}, 400, "top_p", "(0, 1]"),
+    ("/v1/completions", {**_P, "repetition_penalty": 1.3}, 400, "repetition_penalty", "not supported yet"),
+    ("/v1/completions", {**_P, "repetition_penalty": -1}, 400, "repetition_penalty", "must be"),
+    ("/v1/completions", {**_P, "min_tokens": 4}, 400, "min_tokens", "not supported yet"),
+    ("/v1/chat/completions", {**_Q, "min_p": 0.2}, 400, "min_p", "not supported yet"),
+    ("/v1/completions", {**_P, "logprobs": 1}, 400, "logprobs", "not supported yet"),
+    ("/v1/chat/completions", {**_Q, "logprobs": True}, 400, "logprobs", "not supported yet"),
+    ("/v1/chat/completions", {**_Q, "top_logprobs": 3}, 400, "top_logprobs", "not supported yet"),
+    ("/v1/chat/completions", {**_Q, "n": 3}, 400, "n", "only n=1"),
+    ("/v1/chat/completions", {**_Q, "frequency_penalty": 0.1}, 400, "frequency_penalty", "not supported yet"),
+    ("/v1/chat/completions", {**_Q, "chat_template_kwargs": "x"}, 400, "chat_template_kwargs", "an object"),
+    ("/v1/completions", {**_P, "max_completion_tokens": 0}, 400, "max_completion_tokens", "at least 1"),
+    ("/v1/completions", {**_P, "stream": True, "stream_options": {"continuous_usage_stats": 1}}, 400,
+     "stream_options.continuous_usage_stats", "a boolean"),
 ]
 
 
+def _metric(c: Cluster, name: str) -> float:
+    with urllib.request.urlopen(_base_url(c) + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = re.search(r"^" + re.escape(name) + r" (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_bad_input_gets_an_openai_error_naming_it_and_leaks_nothing(cluster):
+    num_400 = _metric(cluster, 'clsd_http_responses_total{status="400"}')
     for path, body, status, param, fragment in BAD_INPUT:
         code, reply = _post(cluster, path, body)
         err = reply.get("error", {})
-        assert (code, err.get("param")) == (status, param), (path, body, code, reply)
-        assert fragment in err["message"] and err["type"], (path, body, reply)
+        assert (code, err.get("param")) == (status, param), (path, str(body)[:200], code, reply)
+        assert fragment in err["message"] and err["type"], (path, str(body)[:200], reply)
+        assert len(err["message"]) < 400, err["message"]
+    # Every 400 is counted by its status.
+    want = sum(status == 400 for *_, status, _, _ in BAD_INPUT)
+    assert _metric(cluster, 'clsd_http_responses_total{status="400"}') >= num_400 + want
+    # A prompt too long for the context says so, with or without max_tokens.
+    for extra in ({}, {"max_tokens": 5}):
+        code, reply = _post(cluster, "/v1/completions", {**_P, "prompt": [1] * 9000, **extra})
+        message = reply["error"]["message"]
+        assert code == 400 and "9000 tokens" in message and "max_tokens" in message \
+            and "context (8192 tokens)" in message, reply
     assert _post(cluster, "/v1/nowhere", _P)[0] == 404
     code, reply = _post(cluster, "/v1/completions", {**_P, "max_tokens": 4, "temperature": 0})
     assert code == 200 and reply["usage"]["completion_tokens"] <= 4, reply  # still serving
@@ -379,13 +593,13 @@ def test_the_admission_bound_answers_429_and_grpc_resource_exhausted(cluster):
     _wait_idle(cluster)
     streams = []
     try:
-        for _ in range(MAX_INFLIGHT):  # each holds a slot: its first event means it was admitted
+        for _ in range(MAX_INFLIGHT):  # each holds a slot: its response head means it was admitted
             s = RawStream(cluster, "/v1/chat/completions", {**_Q, "max_tokens": 2000, "ignore_eos": True,
                                                              "stream": True})
             streams.append(s)
-            assert s.read_events(1).startswith(b"HTTP/1.1 200"), s.buf[:300]
+            assert s.read_head().startswith(b"HTTP/1.1 200"), s.buf[:300]
         code, reply = _post(cluster, "/v1/chat/completions", {**_Q, "max_tokens": 2})
-        assert code == 429 and f"limit {MAX_INFLIGHT}" in reply["error"]["message"], reply
+        assert code == 429 and str(MAX_INFLIGHT) in reply["error"]["message"], reply
 
         async def grpc_door():
             async with AsyncClsClient(cluster.clsd.address) as c:
@@ -435,3 +649,173 @@ def test_sigterm_drains_http_finishes_in_flight_and_exits(demo_model_dir, tmp_pa
         assert "Traceback" not in c.clsd.log() and "draining" in c.clsd.log(), c.clsd.log()[-2000:]
     finally:
         c.stop()
+
+
+# --- the HTTP server's own limits (an in-process door with short limits, no machines) ----------
+
+
+class InProcessDoor:
+    """clsd's HTTP door on its own event loop thread, with `limits`: slow clients and the
+    connection cap need no machines, and short limits keep the tests short."""
+
+    def __init__(self, model_dir, limits):
+        from cls.config import ClsConfig, HttpSection
+        from cls.http.server import HttpFrontDoor
+        from cls.metrics import ClsMetrics
+        from cls.service import ClusterState
+
+        cfg = ClsConfig(model=str(model_dir), http=HttpSection(port=0))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        self.state = ClusterState(cfg, Tokenizer(model_dir), ClsMetrics())
+
+        async def make():
+            return HttpFrontDoor(self.state, limits)
+        self.door = self._run(make())
+        self._run(self.door.start())
+        self.port = self.door.port
+
+    def _run(self, coro, timeout_s: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    @property
+    def num_connections(self) -> int:
+        return len(self.door.server.server_state.connections)
+
+    def get(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def close(self) -> None:
+        self._run(self.door.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.state.tokenizers.close()
+
+
+@pytest.fixture
+def door(demo_model_dir, caplog):
+    from cls.http.limits import HttpLimits
+
+    caplog.set_level(logging.INFO, logger="clsd.http")
+    d = InProcessDoor(demo_model_dir, HttpLimits(header_timeout_s=1.0, body_timeout_s=1.0, keep_alive_s=5,
+                                                 max_connections=300))
+    yield d
+    d.close()
+    assert "Traceback" not in caplog.text
+
+
+def _closed_by_server(sock: socket.socket, timeout_s: float) -> bytes:
+    """Reads until the server closes the connection; returns what came."""
+    sock.settimeout(timeout_s)
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    return got
+
+
+def test_a_body_sent_byte_by_byte_past_the_timeout_gets_408_and_is_dropped(door, caplog):
+    sock = socket.create_connection(("127.0.0.1", door.port), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 200\r\n\r\n")
+    t0, sent = time.monotonic(), 0
+    sock.setblocking(False)
+    answer = b""
+    while sent < 200 and time.monotonic() - t0 < 10:
+        try:
+            answer += sock.recv(65536)
+            break  # answered (or closed)
+        except BlockingIOError:
+            pass
+        try:
+            sock.send(b" ")
+            sent += 1
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        time.sleep(0.05)  # pacing: one byte every 50 ms, 10 s for the whole body
+    sock.setblocking(True)
+    answer += _closed_by_server(sock, 10)
+    sock.close()
+    assert sent < 200 and time.monotonic() - t0 < 5, (sent, time.monotonic() - t0)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b"did not arrive within 1 s" in answer and b"connection: close" in answer.lower()
+    assert door.get("/version") == 200  # still serving
+
+
+def test_headers_trickled_past_the_timeout_are_dropped_and_idle_connections_too(door, caplog):
+    trickle = socket.create_connection(("127.0.0.1", door.port), timeout=10)
+    idle = socket.create_connection(("127.0.0.1", door.port), timeout=10)
+    t0 = time.monotonic()
+    trickle.setblocking(False)
+    closed = False
+    for b in b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 400:
+        try:
+            trickle.send(bytes([b]))
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+            break
+        try:
+            if trickle.recv(1) == b"":
+                closed = True
+                break
+        except BlockingIOError:
+            pass
+        time.sleep(0.02)  # pacing: 50 bytes a second, never a complete header block
+    trickle.setblocking(True)
+    assert closed or _closed_by_server(trickle, 5) == b""
+    assert time.monotonic() - t0 < 5
+    assert _closed_by_server(idle, 5) == b""  # sent nothing: closed without a word
+    trickle.close()
+    idle.close()
+    _wait_for(lambda: "no complete request headers within 1 s" in caplog.text, 5, caplog.text)
+    assert door.get("/version") == 200
+
+
+def test_the_connection_cap_answers_503_at_once_and_frees_with_the_timeout(demo_model_dir, caplog):
+    from cls.http.limits import HttpLimits
+
+    caplog.set_level(logging.INFO, logger="clsd.http")
+    d = InProcessDoor(demo_model_dir, HttpLimits(header_timeout_s=2.0, max_connections=8))
+    try:
+        held = [socket.create_connection(("127.0.0.1", d.port), timeout=10) for _ in range(8)]
+        _wait_for(lambda: d.num_connections == 8, 5, lambda: f"{d.num_connections} connections")
+        extra = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+        t0 = time.monotonic()
+        answer = _closed_by_server(extra, 5)
+        assert answer.startswith(b"HTTP/1.1 503") and b"too many connections (limit 8)" in answer, answer
+        assert time.monotonic() - t0 < 1.0
+        extra.close()
+        # The held connections never send a request: the header timeout frees their places.
+        for s in held:
+            assert _closed_by_server(s, 10) == b""
+            s.close()
+        _wait_for(lambda: d.num_connections == 0, 5, lambda: f"{d.num_connections} connections")
+        assert d.get("/version") == 200
+        assert "refused a connection: 8 open (limit 8)" in caplog.text
+    finally:
+        d.close()
+    assert "Traceback" not in caplog.text
+
+
+def test_200_slow_clients_are_dropped_while_others_are_served(door):
+    slow = []
+    for _ in range(200):
+        s = socket.create_connection(("127.0.0.1", door.port), timeout=10)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        slow.append(s)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.5:  # the others are served while the slow ones wait
+        assert door.get("/version") == 200
+    for s in slow:  # and the slow ones are gone by the header timeout (1 s)
+        assert _closed_by_server(s, 5) == b""
+        s.close()
+    assert time.monotonic() - t0 < 5
+    _wait_for(lambda: door.num_connections == 0, 5, lambda: f"{door.num_connections} connections")
