@@ -36,8 +36,8 @@ from pathlib import Path
 import grpc
 from tokenizers import Tokenizer as HFTokenizer
 
+from cls.cluster_request import ClusterRequest, RequestError
 from cls.config import ClsConfig, LimitsSection
-from cls.dispatcher import ClusterRequest, RequestError
 from cls.pools import Pools
 from cls.router import Router
 from engine.sequence import InvalidRequestError

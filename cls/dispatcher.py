@@ -28,14 +28,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 
 import grpc
 
+from cls.cluster_request import (
+    Attempt,
+    AttemptFailed,
+    ClusterRequest,
+    MachineEvent,
+    MachineLost,
+    RequestError,
+    TokenArrived,
+)
 from cls.ledger import Ledger
 from cls.pools import Pools
+from cls.prefill_clock import PrefillClock
 from cls.registry import Registry
-from cls.router import NoMachine, Route, Router
+from cls.router import NoMachine, Router
 from cls.work_stream import WorkError
 from proto import mlsd_pb2 as mpb
 
@@ -49,91 +58,6 @@ RESOURCE_EXHAUSTED (a full queue): under overload a re-route would only add load
 client is told at once, with the machine's reason."""
 
 
-DEFAULT_PREFILL_S_PER_TOKEN = 0.005
-"""A machine's prefill rate until its first Prefill answers (5 ms a token: a CPU machine)."""
-PREFILL_SAFETY = 4.0
-"""How many times its expected prefill time a Prefill may take before it counts as lost."""
-
-
-class RequestError(Exception):
-    """Ends a request with a gRPC status for the client; `param` names the offending request
-    field, when there is one (the HTTP front door reports it)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, param: str | None = None):
-        super().__init__(message)
-        self.code, self.message, self.param = code, message, param
-
-
-@dataclass(frozen=True)
-class TokenArrived:
-    """Inbox item: output token `index` of `attempt` (indices count from the attempt's start)."""
-    attempt: _Attempt
-    index: int
-    token_id: int
-
-
-@dataclass(frozen=True)
-class MachineEvent:
-    """Inbox item: a RESERVED / FINISHED / FAILED / ABORTED event of `attempt` from `machine_id`."""
-    attempt: _Attempt
-    event: mpb.RequestEvent
-    machine_id: str
-
-
-@dataclass(frozen=True)
-class MachineLost:
-    """Inbox item: a machine of `attempt` left (lease expired, stream broken)."""
-    attempt: _Attempt
-    machine_id: str
-    reason: str
-
-
-InboxItem = TokenArrived | MachineEvent | MachineLost
-
-
-class _AttemptFailed(Exception):
-    def __init__(self, message: str, machines: tuple[str, ...] = ()):
-        super().__init__(message)
-        self.machines = machines  # to avoid on the next attempt
-
-
-@dataclass
-class ClusterRequest:
-    request_id: str
-    prompt_ids: list[int]
-    sampling: mpb.SamplingParams
-    stop_ids: frozenset[int]
-    arrival_s: float = field(default_factory=time.monotonic)
-    tokens: list[int] = field(default_factory=list)
-    token_times: list[float] = field(default_factory=list)
-    finish_reason: str = ""
-    num_reroutes: int = 0
-    num_attempts: int = 0
-    prefill_start_s: float | None = None
-    route: Route | None = None
-    inbox: asyncio.Queue[InboxItem] = field(default_factory=asyncio.Queue)
-    aborts: list[asyncio.Task] = field(default_factory=list)
-    """Aborts of this request's ended attempts still on their way to the machines."""
-
-    @property
-    def max_tokens(self) -> int:
-        return self.sampling.max_tokens
-
-
-@dataclass
-class _Attempt:
-    attempt_id: str
-    req: ClusterRequest
-    offset: int  # output index of this attempt's first token
-    route: Route
-    prompt_len: int
-    prompt_credited: bool = False
-    produced: int = 0
-    credited: int = 0  # of `produced`, credited to the token machine's pending decode tokens
-    ended: bool = False
-    ahead: dict[int, int] = field(default_factory=dict)
-
-
 class Dispatcher:
     def __init__(self, pools: Pools, router: Router, registry: Registry, rpc_timeout_s: float,
                  max_reroutes: int, metrics=None):
@@ -141,12 +65,11 @@ class Dispatcher:
         self.ledger = Ledger(pools, on_move=lambda move: log.info(
             "machine %s returns to the %s pool", move.machine_id, move.to_pool))
         self.rpc_timeout_s, self.max_reroutes, self.metrics = rpc_timeout_s, max_reroutes, metrics
-        self.attempts: dict[str, _Attempt] = {}
+        self.attempts: dict[str, Attempt] = {}
         self.incarnation = "0"
         """This clsd process's name in attempt ids (`<request id>#<incarnation>.<n>`): a machine
         may still hold an attempt of the same request id from before a restart."""
-        self.prefill_s_per_token: dict[str, float] = {}
-        """Per prompt machine, its measured prefill seconds per prompt token (moving average)."""
+        self.prefill_clock = PrefillClock(pools, rpc_timeout_s)
         self._background: set[asyncio.Task] = set()
 
     # -- events from machines (called by the registry) ----------------------------------------
@@ -183,7 +106,7 @@ class Dispatcher:
                 async for new in self._attempt(req, frozenset(avoid)):
                     yield new
                 return
-            except _AttemptFailed as e:
+            except AttemptFailed as e:
                 if req.num_reroutes >= self.max_reroutes:
                     raise RequestError(grpc.StatusCode.UNAVAILABLE,
                                        f"request failed after {req.num_reroutes} re-routes: {e}") from None
@@ -222,7 +145,7 @@ class Dispatcher:
             self.metrics.routed.labels("colocated" if route.colocated else "split").inc()
             for move in route.borrowed:
                 log.info("machine %s borrowed into the mixed pool", move.machine_id)
-        a = _Attempt(f"{req.request_id}#{self.incarnation}.{req.num_attempts}", req, offset, route,
+        a = Attempt(f"{req.request_id}#{self.incarnation}.{req.num_attempts}", req, offset, route,
                      len(prompt))
         req.num_attempts += 1
         self.attempts[a.attempt_id] = a
@@ -245,7 +168,7 @@ class Dispatcher:
                     req.prefill_start_s = req.prefill_start_s or time.monotonic()
                     return asyncio.ensure_future(self._call(pm, mpb.PrefillRequest(
                         request=spec, kv_address=tm.info.kv_address),
-                        self._prefill_timeout_s(route.prompt_machine, len(prompt))))
+                        self.prefill_clock.timeout_s(route.prompt_machine, len(prompt))))
 
                 prefill = start_prefill() if route.kv_fits else None
                 try:
@@ -261,7 +184,7 @@ class Dispatcher:
                     elif prefill is not None and not prefill.cancelled():
                         prefill.exception()  # retrieved: a failed prefill of a failed attempt
                 self._credit_prompt(a)
-                self._learn_prefill_rate(route.prompt_machine, len(prompt), pre.prefill_s)
+                self.prefill_clock.learn(route.prompt_machine, len(prompt), pre.prefill_s)
                 new = self._deliver(a, 0, pre.first_token_id)
                 if self._finished_already(req):
                     # The first token ends it (max_tokens 1, or a stop token): the client has its
@@ -279,7 +202,7 @@ class Dispatcher:
         finally:
             self._end(a)
 
-    async def _until(self, a: _Attempt, kind: mpb.RequestEvent.Kind.ValueType):
+    async def _until(self, a: Attempt, kind: mpb.RequestEvent.Kind.ValueType):
         """Consumes the inbox until an event of `kind` (RESERVED or FINISHED) arrives, yielding
         delivered tokens: all that are already waiting go out as one batch (one client message,
         not one per token). FINISHED is recorded before the last batch goes out, so that batch can
@@ -307,15 +230,15 @@ class Dispatcher:
             if finished:
                 return
             if isinstance(item, MachineLost):
-                raise _AttemptFailed(item.reason, (item.machine_id,))
+                raise AttemptFailed(item.reason, (item.machine_id,))
             if event.kind == kind == mpb.RequestEvent.RESERVED:
                 return
             if event.kind in (mpb.RequestEvent.FAILED, mpb.RequestEvent.ABORTED):
                 name = mpb.RequestEvent.Kind.Name(event.kind).lower()
-                raise _AttemptFailed(f"{name} on {item.machine_id}: {event.message}",
+                raise AttemptFailed(f"{name} on {item.machine_id}: {event.message}",
                                      (item.machine_id,))
 
-    def _deliver(self, a: _Attempt, index: int, token_id: int) -> list[int]:
+    def _deliver(self, a: Attempt, index: int, token_id: int) -> list[int]:
         """Places a token by index; returns the tokens that became deliverable, in order."""
         req = a.req
         if index == 0 and a.route.colocated:
@@ -329,7 +252,7 @@ class Dispatcher:
         a.produced += len(new)
         return new
 
-    def _credit_tokens(self, a: _Attempt) -> None:
+    def _credit_tokens(self, a: Attempt) -> None:
         """Credits the router for the tokens delivered since the last credit (once per batch)."""
         if a.produced > a.credited:
             self.ledger.tokens_done(a.route.token_machine, a.produced - a.credited)
@@ -340,24 +263,8 @@ class Dispatcher:
     def _link(self, machine_id: str):
         link = self.registry.links.get(machine_id)
         if link is None:
-            raise _AttemptFailed(f"machine {machine_id} left", (machine_id,))
+            raise AttemptFailed(f"machine {machine_id} left", (machine_id,))
         return link
-
-    def _prefill_timeout_s(self, machine_id: str, prompt_len: int) -> float:
-        """A Prefill's deadline follows its work: the RPC deadline plus PREFILL_SAFETY times the
-        machine's measured prefill time for the prompt tokens queued there and this prompt (an
-        8,000-token prompt on a CPU machine takes far longer than the RPC deadline; a dead or
-        hung machine is found by its lease meanwhile)."""
-        m = self.pools.machines.get(machine_id)
-        queued = m.pending_prompt_tokens if m is not None else 0
-        rate = self.prefill_s_per_token.get(machine_id, DEFAULT_PREFILL_S_PER_TOKEN)
-        return self.rpc_timeout_s + PREFILL_SAFETY * rate * (queued + prompt_len)
-
-    def _learn_prefill_rate(self, machine_id: str, prompt_len: int, prefill_s: float) -> None:
-        if prompt_len > 0 and prefill_s > 0:
-            sample = prefill_s / prompt_len
-            old = self.prefill_s_per_token.get(machine_id)
-            self.prefill_s_per_token[machine_id] = sample if old is None else 0.8 * old + 0.2 * sample
 
     async def _call(self, link, request, timeout_s: float | None = None):
         op = type(request).__name__.removesuffix("Request")
@@ -365,19 +272,19 @@ class Dispatcher:
             return await link.work.call(request, timeout_s or self.rpc_timeout_s)
         except WorkError as e:
             if e.code() in _RETRY_CODES:
-                raise _AttemptFailed(f"{op} on {link.machine_id}: {e.code().name} {e.details()}",
+                raise AttemptFailed(f"{op} on {link.machine_id}: {e.code().name} {e.details()}",
                                      (link.machine_id,)) from None
             if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise RequestError(e.code(), f"the cluster is overloaded ({link.machine_id}: "
                                              f"{e.details()}); retry later") from None
             raise RequestError(e.code(), f"{op} on {link.machine_id}: {e.details()}") from None
 
-    def _credit_prompt(self, a: _Attempt) -> None:
+    def _credit_prompt(self, a: Attempt) -> None:
         if not a.prompt_credited:
             a.prompt_credited = True
             self.ledger.prompt_done(a.route.prompt_machine, a.prompt_len)
 
-    def _end(self, a: _Attempt) -> None:
+    def _end(self, a: Attempt) -> None:
         """Credits the router and, unless finished, aborts the attempt where it may still live."""
         self.attempts.pop(a.attempt_id, None)
         r = a.route

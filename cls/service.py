@@ -32,8 +32,9 @@ import time
 import grpc
 
 from cls.admission import Admission
+from cls.cluster_request import ClusterRequest, RequestError
 from cls.config import ClsConfig
-from cls.dispatcher import ClusterRequest, Dispatcher, RequestError
+from cls.dispatcher import Dispatcher
 from cls.metrics import ClsMetrics
 from cls.pool_targets import PoolTargets
 from cls.pools import PoolError, Pools

@@ -19,7 +19,7 @@ import json
 import logging
 import uuid
 
-from cls.http.schema import ApiError
+from cls.http.fields import ApiError
 from cls.http.telemetry import DoorMetrics, RateLimitedLog
 
 REQUEST_ID = "splitserve.request_id"  # the scope key the app reads the request id from

@@ -21,8 +21,9 @@ import time
 import grpc
 from fastapi.responses import Response
 
-from cls.dispatcher import ClusterRequest, RequestError
-from cls.http.schema import ApiError, ParsedRequest
+from cls.cluster_request import ClusterRequest, RequestError
+from cls.http.fields import ApiError
+from cls.http.schema import ParsedRequest
 from cls.service import ClusterState
 from cls.stop_strings import StopMatcher
 

@@ -8,19 +8,19 @@ against the context, the vocabulary, draining, the in-flight bound) is left to
 `ClusterState.admit`, the one validation both doors share. Each failure is an `ApiError` naming
 the field, in OpenAI's error object.
 
-Fields, as vLLM's server treats them: the ones read here; the sampling features that need the
-engine (penalties, min_p, min_tokens, logprobs, n > 1), accepted at their neutral value and
-otherwise refused as "not supported yet"; other known features at their "off" value only (tools,
-guided decoding...); and unknown fields, ignored and listed in `ParsedRequest.unknown` for the
-door to log and count.
+Fields, as vLLM's server treats them (the tables and typed reads are in cls/http/fields.py):
+the ones read here; the sampling features that need the engine (penalties, min_p, min_tokens,
+logprobs, n > 1), accepted at their neutral value and otherwise refused as "not supported yet";
+other known features at their "off" value only (tools, guided decoding...); and unknown fields,
+ignored and listed in `ParsedRequest.unknown` for the door to log and count.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 
+from cls.http.fields import ApiError, bad, check_fields, clip, get_field, is_int, kind_of, utf8
 from proto import clsd_pb2 as pb
 
 _MISSING = object()
@@ -31,61 +31,6 @@ MAX_TOKEN_ID = 2**31 - 1  # far beyond any vocabulary; admit() checks the real o
 _COMMON = ("model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
            "top_p", "top_k", "stop", "seed", "ignore_eos", "stop_token_ids",
            "include_stop_str_in_output")
-# Known and harmless to ignore.
-_IGNORED = ("user", "metadata", "store", "service_tier", "priority", "request_id")
-
-
-@dataclass(frozen=True)
-class _NeedsEngine:
-    """A sampling feature the engine does not implement yet: its type, its valid range (a
-    value outside it is invalid, whatever the engine), and its neutral values (accepted)."""
-    kind: type
-    valid: object  # value -> bool
-    range_text: str
-    neutral: tuple
-
-
-_ANY = lambda v: True  # noqa: E731
-_NEEDS_ENGINE = {
-    "n": _NeedsEngine(int, lambda v: v >= 1, "at least 1", (1,)),
-    "min_tokens": _NeedsEngine(int, lambda v: v >= 0, ">= 0", (0,)),
-    "repetition_penalty": _NeedsEngine(float, lambda v: 0 < v < math.inf, "finite and > 0", (1.0,)),
-    "presence_penalty": _NeedsEngine(float, lambda v: -2 <= v <= 2, "in [-2, 2]", (0.0,)),
-    "frequency_penalty": _NeedsEngine(float, lambda v: -2 <= v <= 2, "in [-2, 2]", (0.0,)),
-    "min_p": _NeedsEngine(float, lambda v: 0 <= v <= 1, "in [0, 1]", (0.0,)),
-    "top_logprobs": _NeedsEngine(int, lambda v: 0 <= v <= 20, "in 0..20", (0,)),
-    "length_penalty": _NeedsEngine(float, math.isfinite, "finite", (1.0,)),
-}
-_LOGPROBS = {"chat": _NeedsEngine(bool, _ANY, "", (False,)),
-             # On completions `logprobs: 0` asks for the sampled token's logprob: not neutral.
-             "completion": _NeedsEngine(int, lambda v: 0 <= v <= 20, "in 0..20", ())}
-# Known features of other kinds, accepted only at their "off" values.
-_OFF = {"logit_bias": ({},), "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],),
-        "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},),
-        "parallel_tool_calls": (True, False), "use_beam_search": (False,), "prompt_logprobs": (),
-        "skip_special_tokens": (True,), "allowed_token_ids": (), "bad_words": ([],),
-        "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
-        "structured_outputs": (), "add_generation_prompt": (True,), "continue_final_message": (False,),
-        "truncate_prompt_tokens": ()}
-
-
-class ApiError(Exception):
-    """An HTTP error with OpenAI's error object as its body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type_: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def bad(param: str, message: str) -> ApiError:
-    return ApiError(400, message, param)
-
-
 @dataclass
 class ParsedRequest:
     spec: pb.GenerateRequest
@@ -124,9 +69,9 @@ def parse_body(raw: bytes) -> dict:
     except RecursionError:
         raise bad("body", "the request body is not valid JSON: nested too deeply") from None
     except ValueError as e:  # an integer of more than 4300 digits, NaN, Infinity
-        raise bad("body", f"the request body is not valid JSON: {_clip(str(e), 120)}") from None
+        raise bad("body", f"the request body is not valid JSON: {clip(str(e), 120)}") from None
     if not isinstance(body, dict):
-        raise bad("body", f"the request body must be a JSON object, got {_kind(body)}")
+        raise bad("body", f"the request body must be a JSON object, got {kind_of(body)}")
     return body
 
 
@@ -135,7 +80,7 @@ def _no_constant(name: str):
 
 
 def parse_completion(body: dict, model_name: str, max_stop: int) -> ParsedRequest:
-    unknown = _check_fields(body, _COMMON + ("prompt",), "completion")
+    unknown = check_fields(body, _COMMON + ("prompt",), "completion")
     prompt = body.get("prompt", _MISSING)
     spec = pb.GenerateRequest()
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -143,11 +88,11 @@ def parse_completion(body: dict, model_name: str, max_stop: int) -> ParsedReques
     if prompt is _MISSING:
         raise bad("prompt", "prompt is required")
     if isinstance(prompt, str):
-        spec.prompt = _utf8("prompt", prompt)
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        spec.prompt = utf8("prompt", prompt)
+    elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         if not 0 <= min(prompt) <= max(prompt) <= MAX_TOKEN_ID:
             worst = min(prompt) if min(prompt) < 0 else max(prompt)
-            raise bad("prompt", f"prompt holds the token id {_clip(str(worst))}, beyond the vocabulary")
+            raise bad("prompt", f"prompt holds the token id {clip(str(worst))}, beyond the vocabulary")
         spec.prompt_token_ids.extend(prompt)
     elif isinstance(prompt, list) and not prompt:
         raise bad("prompt", "prompt is empty")
@@ -162,16 +107,16 @@ def parse_completion(body: dict, model_name: str, max_stop: int) -> ParsedReques
 def parse_chat(body: dict, model_name: str, max_stop: int) -> ParsedRequest:
     """The chat request with its turns in `messages`; the door renders and tokenizes them
     (off the event loop) into `spec.prompt_token_ids`."""
-    unknown = _check_fields(body, _COMMON + ("messages", "chat_template_kwargs"), "chat")
+    unknown = check_fields(body, _COMMON + ("messages", "chat_template_kwargs"), "chat")
     messages = body.get("messages", _MISSING)
     if messages is _MISSING:
         raise bad("messages", "messages is required")
     if not isinstance(messages, list):
-        raise bad("messages", f"messages must be a list of message objects, got {_kind(messages)}")
+        raise bad("messages", f"messages must be a list of message objects, got {kind_of(messages)}")
     if not messages:
         raise bad("messages", "messages is empty: give at least one message")
     turns = [_message(i, m) for i, m in enumerate(messages)]
-    _get(body, "chat_template_kwargs", dict, {})  # accepted and ignored, as vLLM's unknown ones
+    get_field(body, "chat_template_kwargs", dict, {})  # accepted and ignored, as vLLM's unknown ones
     parsed = _common(body, pb.GenerateRequest(), model_name, max_stop, chat=True, unknown=unknown)
     parsed.messages = turns
     return parsed
@@ -179,7 +124,7 @@ def parse_chat(body: dict, model_name: str, max_stop: int) -> ParsedRequest:
 
 def parse_tokenize(body: dict, model_name: str) -> TokenizeRequest:
     """vLLM's /tokenize: {"prompt": text} or {"messages": [...]}; `model` may be left out."""
-    unknown = _check_fields(body, ("model", "prompt", "messages", "add_special_tokens",
+    unknown = check_fields(body, ("model", "prompt", "messages", "add_special_tokens",
                                    "return_token_strs", "chat_template_kwargs"), "tokenize")
     _model(body, model_name, required=False)
     text, messages = body.get("prompt"), body.get("messages")
@@ -187,39 +132,39 @@ def parse_tokenize(body: dict, model_name: str) -> TokenizeRequest:
         raise bad("prompt", "give prompt (a string) or messages (a list of message objects)")
     if text is not None:
         if not isinstance(text, str):
-            raise bad("prompt", f"prompt must be a string, got {_kind(text)}")
-        _utf8("prompt", text)
+            raise bad("prompt", f"prompt must be a string, got {kind_of(text)}")
+        utf8("prompt", text)
     else:
         if not isinstance(messages, list) or not messages:
             raise bad("messages", "messages must be a non-empty list of message objects")
         messages = [_message(i, m) for i, m in enumerate(messages)]
-    add_special = _get(body, "add_special_tokens", bool, text is not None)  # vLLM's defaults
-    return TokenizeRequest(text, messages, add_special, _get(body, "return_token_strs", bool, False),
+    add_special = get_field(body, "add_special_tokens", bool, text is not None)  # vLLM's defaults
+    return TokenizeRequest(text, messages, add_special, get_field(body, "return_token_strs", bool, False),
                            unknown)
 
 
 def parse_detokenize(body: dict, model_name: str) -> tuple[list[int], tuple[str, ...]]:
     """vLLM's /detokenize: {"tokens": [ids]} -> the ids (bounded, not yet against the vocabulary)
     and the unknown fields."""
-    unknown = _check_fields(body, ("model", "tokens"), "detokenize")
+    unknown = check_fields(body, ("model", "tokens"), "detokenize")
     _model(body, model_name, required=False)
     tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
-        raise bad("tokens", f"tokens must be a list of token ids, got {_kind(tokens)}")
+    if not isinstance(tokens, list) or not all(is_int(t) for t in tokens):
+        raise bad("tokens", f"tokens must be a list of token ids, got {kind_of(tokens)}")
     if tokens and not 0 <= min(tokens) <= max(tokens) <= MAX_TOKEN_ID:
         worst = min(tokens) if min(tokens) < 0 else max(tokens)
-        raise bad("tokens", f"tokens holds the token id {_clip(str(worst))}, beyond the vocabulary")
+        raise bad("tokens", f"tokens holds the token id {clip(str(worst))}, beyond the vocabulary")
     return tokens, unknown
 
 
 def _message(i: int, m) -> dict:
     where = f"messages[{i}]"
     if not isinstance(m, dict):
-        raise bad(where, f"{where} must be an object with role and content, got {_kind(m)}")
+        raise bad(where, f"{where} must be an object with role and content, got {kind_of(m)}")
     role = m.get("role")
     if role not in _ROLES:
         raise bad(f"{where}.role", f"{where}.role must be one of {', '.join(_ROLES)}, "
-                                   f"got {_clip(repr(role))}")
+                                   f"got {clip(repr(role))}")
     content = m.get("content")
     if isinstance(content, list):  # content parts: only text ones
         for j, part in enumerate(content):
@@ -229,8 +174,8 @@ def _message(i: int, m) -> dict:
                                                    '({"type": "text", "text": ...})')
         content = "".join(part["text"] for part in content)
     if not isinstance(content, str):
-        raise bad(f"{where}.content", f"{where}.content must be a string, got {_kind(content)}")
-    _utf8(f"{where}.content", content)
+        raise bad(f"{where}.content", f"{where}.content must be a string, got {kind_of(content)}")
+    utf8(f"{where}.content", content)
     return {"role": role, "content": content}
 
 
@@ -241,9 +186,9 @@ def _model(body: dict, model_name: str, required: bool) -> None:
             raise bad("model", "model is required")
         return
     if not isinstance(model, str):
-        raise bad("model", f"model must be a string, got {_kind(model)}")
+        raise bad("model", f"model must be a string, got {kind_of(model)}")
     if model != model_name:
-        raise ApiError(404, f"the model {_clip(repr(model))} does not exist; this server serves "
+        raise ApiError(404, f"the model {clip(repr(model))} does not exist; this server serves "
                             f"{model_name!r}", "model", code="model_not_found")
 
 
@@ -253,52 +198,52 @@ def _common(body: dict, spec: pb.GenerateRequest, model_name: str, max_stop: int
     if model is _MISSING or model is None:
         raise bad("model", "model is required")
     if not isinstance(model, str):
-        raise bad("model", f"model must be a string, got {_kind(model)}")
+        raise bad("model", f"model must be a string, got {kind_of(model)}")
     # max_completion_tokens is OpenAI's newer name; vLLM reads it first on both endpoints.
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _get(body, key, int, None)
+    max_tokens = get_field(body, key, int, None)
     if max_tokens is not None:
         if max_tokens <= 0:
-            raise bad(key, f"{key} must be at least 1, got {_clip(str(max_tokens))}")
+            raise bad(key, f"{key} must be at least 1, got {clip(str(max_tokens))}")
         spec.max_tokens = min(max_tokens, 2**32 - 1)  # admit() names the configured limit
-    temperature = _get(body, "temperature", float, 1.0)
+    temperature = get_field(body, "temperature", float, 1.0)
     if not 0 <= temperature <= 2:
         raise bad("temperature", f"temperature must be >= 0 and <= 2, got {temperature}")
     spec.temperature = temperature
-    top_p = _get(body, "top_p", float, 1.0)
+    top_p = get_field(body, "top_p", float, 1.0)
     if not 0 < top_p <= 1:
         raise bad("top_p", f"top_p must be in (0, 1], got {top_p}")
     spec.top_p = top_p
-    top_k = _get(body, "top_k", int, 0)
+    top_k = get_field(body, "top_k", int, 0)
     if not -2**31 <= top_k < 2**31:
-        raise bad("top_k", f"top_k out of range: {_clip(str(top_k))}")
+        raise bad("top_k", f"top_k out of range: {clip(str(top_k))}")
     spec.top_k = top_k
-    seed = _get(body, "seed", int, None)
+    seed = get_field(body, "seed", int, None)
     if seed is not None:
         if not 0 <= seed < 2**64:
-            raise bad("seed", f"seed must be in 0..2**64-1, got {_clip(str(seed))}")
+            raise bad("seed", f"seed must be in 0..2**64-1, got {clip(str(seed))}")
         spec.seed = seed
-    spec.ignore_eos = _get(body, "ignore_eos", bool, False)
-    stop_ids = _get(body, "stop_token_ids", list, [])
-    if not all(_is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in stop_ids):
+    spec.ignore_eos = get_field(body, "ignore_eos", bool, False)
+    stop_ids = get_field(body, "stop_token_ids", list, [])
+    if not all(is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in stop_ids):
         raise bad("stop_token_ids", "stop_token_ids must be a list of token ids")
     spec.stop_token_ids.extend(stop_ids)
-    stream = _get(body, "stream", bool, False)
-    options = _get(body, "stream_options", dict, {})
+    stream = get_field(body, "stream", bool, False)
+    options = get_field(body, "stream_options", dict, {})
     if options and not stream:
         raise bad("stream_options", "stream_options needs stream: true")
-    include_usage = _get(options, "include_usage", bool, False, "stream_options.include_usage")
+    include_usage = get_field(options, "include_usage", bool, False, "stream_options.include_usage")
     # As vLLM: usage on every chunk only together with include_usage.
-    continuous = _get(options, "continuous_usage_stats", bool, False,
+    continuous = get_field(options, "continuous_usage_stats", bool, False,
                       "stream_options.continuous_usage_stats") and include_usage
     unknown += tuple(f"stream_options.{k}" for k in options
                      if k not in ("include_usage", "continuous_usage_stats"))
     parsed = ParsedRequest(spec, chat, stream, include_usage, _stop(body, max_stop),
                            "messages" if chat else "prompt", key, continuous,
-                           _get(body, "include_stop_str_in_output", bool, False),
+                           get_field(body, "include_stop_str_in_output", bool, False),
                            max_tokens is not None, unknown=unknown)
     if model != model_name:  # after the types: a malformed body is a 400 whatever its model
-        raise ApiError(404, f"the model {_clip(repr(model))} does not exist; this server serves "
+        raise ApiError(404, f"the model {clip(repr(model))} does not exist; this server serves "
                             f"{model_name!r}", "model", code="model_not_found")
     return parsed
 
@@ -309,93 +254,11 @@ def _stop(body: dict, max_stop: int) -> tuple[str, ...]:
         return ()
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise bad("stop", f"stop must be a string or a list of strings, got {_kind(stop)}")
+        raise bad("stop", f"stop must be a string or a list of strings, got {kind_of(stop)}")
     if len(stops) > max_stop:
         raise bad("stop", f"at most {max_stop} stop strings are supported, got {len(stops)}")
     if any(not s for s in stops):
         raise bad("stop", "stop strings must not be empty")
     for s in stops:
-        _utf8("stop", s)
+        utf8("stop", s)
     return tuple(stops)
-
-
-def _check_fields(body: dict, known: tuple[str, ...], endpoint: str) -> tuple[str, ...]:
-    """Checks the known fields the door does not act on; returns the unknown field names."""
-    unknown = []
-    for key, value in body.items():
-        if key in known or key in _IGNORED:
-            continue
-        if value is None and (key in _NEEDS_ENGINE or key in _OFF or key == "logprobs"):
-            continue  # null: the default, i.e. off
-        rule = _LOGPROBS["chat" if endpoint == "chat" else "completion"] if key == "logprobs" \
-            else _NEEDS_ENGINE.get(key)
-        if rule is not None:
-            _needs_engine(key, value, rule)
-        elif key in _OFF:
-            if value not in _OFF[key]:
-                raise bad(key, f"{key}={_show(value)} is not supported by this server yet")
-        else:
-            unknown.append(key)
-    return tuple(unknown)
-
-
-def _needs_engine(key: str, value, rule: _NeedsEngine) -> None:
-    v = _get({key: value}, key, rule.kind, None)
-    if not rule.valid(v):
-        raise bad(key, f"{key} must be {rule.range_text}, got {_show(value)}")
-    if v not in rule.neutral:
-        if key == "n":
-            raise bad(key, f"n={_show(value)} is not supported yet: only n=1")
-        neutral = f"; leave it out or send {json.dumps(rule.neutral[0])}" if rule.neutral else \
-            "; leave it out or send null"
-        raise bad(key, f"{key}={_show(value)} is not supported yet (the engine does not implement "
-                       f"it){neutral}")
-
-
-def _get(body: dict, key: str, kind: type, default, name: str | None = None):
-    name = name or key
-    value = body.get(key)
-    if value is None:
-        return default
-    if kind is float and (_is_int(value) or isinstance(value, float)):
-        try:
-            return float(value)
-        except OverflowError:
-            raise bad(name, f"{name} is out of range") from None
-    if kind is int and _is_int(value):
-        return value
-    if kind in (bool, list, dict) and isinstance(value, kind):
-        return value
-    names = {float: "a number", int: "an integer", bool: "a boolean", list: "a list", dict: "an object"}
-    raise bad(name, f"{name} must be {names[kind]}, got {_kind(value)}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _kind(v) -> str:
-    if v is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "an object"}.get(type(v), type(v).__name__)
-
-
-def _show(v) -> str:
-    """A value for an error message: scalars as JSON, clipped; containers by their kind (a
-    deeply nested one must not be walked)."""
-    if isinstance(v, (list, dict)):
-        return ("[...]" if isinstance(v, list) else "{...}") if v else json.dumps(v)
-    return _clip(json.dumps(v))
-
-
-def _clip(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[:limit] + f"...({len(text)} characters)"
-
-
-def _utf8(param: str, text: str) -> bytes:
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate written as a JSON \\u escape
-        raise bad(param, f"{param} is not valid Unicode (a lone surrogate at character {e.start})") \
-            from None

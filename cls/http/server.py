@@ -41,7 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from cls.admission import TokenizerBusy, prompt_char_limit
-from cls.dispatcher import RequestError
+from cls.cluster_request import RequestError
 from cls.http.guard import REQUEST_ID, DoorGuard
 from cls.http.limits import HttpLimits, connection_cap, guarded_protocol
 from cls.http.model_info import context_room, max_model_len, model_card

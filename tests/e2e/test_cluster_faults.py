@@ -77,10 +77,7 @@ def test_orphaned_decodes_stop_within_the_grace_after_clsd_dies(demo_model_dir, 
             async with AsyncClsClient(c.clsd.address) as client:
                 tasks = [asyncio.create_task(client.generate(p, max_tokens=1000, ignore_eos=True,
                                                              timeout_s=120)) for p in prompts]
-                await asyncio.to_thread(
-                    _wait_for, lambda: _machines(c)["token-0"].pending_decode_tokens > 0, 120,
-                    "no decoding")
-                await asyncio.to_thread(stop_client.wait, 120)
+                await asyncio.to_thread(stop_client.wait, 120)  # the streams break with clsd
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
