@@ -24,6 +24,7 @@ class Machine(mlsd_pb2_grpc.MachineServiceServicer):
 
     def __init__(self, end_first: int = 0):
         self.cancelled: list[str] = []
+        self.started: list[str] = []  # hangs the machine has begun (its handler is running)
         self.streams = self.ended = 0
         self.servers: list[WorkServer] = []
         self.end_first = end_first
@@ -38,6 +39,7 @@ class Machine(mlsd_pb2_grpc.MachineServiceServicer):
         raise NotImplementedError(type(request).__name__)
 
     async def _hang(self, rid: str):
+        self.started.append(rid)
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
@@ -148,7 +150,8 @@ def test_machine_gone_fails_waiting_calls_before_their_deadline():
         try:
             waiting = asyncio.ensure_future(ws.call(pb.PrefillRequest(
                 request=decode("hang-3").request, kv_address=b"x"), 30.0))
-            await wait_for(lambda: ws.num_items == 1)
+            # The machine has taken the item (not only the client sent it): its stop must cancel it.
+            await wait_for(lambda: "hang-3" in machine.started)
             t0 = time.monotonic()
             await server.stop(grace=None)
             with pytest.raises(WorkError) as e:
