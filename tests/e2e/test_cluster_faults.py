@@ -84,13 +84,14 @@ def test_orphaned_decodes_stop_within_the_grace_after_clsd_dies(demo_model_dir, 
 
         client = threading.Thread(target=lambda: asyncio.run(run()), daemon=True)
         client.start()
-        _wait_for(lambda: _machines(c)["token-0"].pending_decode_tokens > 0, 120, "no decoding")
-        c.clsd.proc.send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-
         def load(mid: str) -> mpb.LoadReport:
             with grpc.insecure_channel(c.machines[mid].address) as ch:
                 return mlsd_pb2_grpc.MachineServiceStub(ch).GetLoad(mpb.LoadRequest(), timeout=5)
+
+        # The token machine's own report (the router's charge comes before any decode starts).
+        _wait_for(lambda: load("token-0").num_running > 0, 120, "no decoding")
+        c.clsd.proc.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
 
         assert load("token-0").num_running > 0  # decoding for nobody now
         _wait_for(lambda: load("token-0").num_running == 0, grace_s + 15, "orphans still decode")
